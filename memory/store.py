@@ -1,0 +1,105 @@
+"""The episode store: one SQLite file per run (sqlite-utils, WAL mode, schema migrations).
+
+Tables
+- runs(id, created, config, status)
+- iterations(iteration, episodes, finished_at): one row per completed iteration, written in the
+  same transaction as its episodes and turns, so a crash never leaves half an iteration.
+- tasks(id, key, numbers, target, parent, source, first_iteration, attempts, solved): solve
+  statistics are counts of unhinted student attempts.
+- episodes(id, iteration, task_id, parent_task_id, mutated, solved, hint_rounds, n_turns)
+- turns(id, episode_id, iteration, role, kind, adapter, adapter_version, group_id, prompt,
+  completion, parsed, verdict, reward, advantage, prompt_tokens, completion_tokens),
+  with full-text search over prompt + completion (`turns_fts`).
+- metrics(iteration, name, value)
+
+`EpisodeStore` writes (one transaction per iteration); `memory.query.open_readonly` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from sqlite_utils import Database, Migrations
+
+migrations = Migrations("selfplay.memory")
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    db["runs"].create({"id": str, "created": float, "config": str, "status": str}, pk="id")
+    db["iterations"].create({"iteration": int, "episodes": int, "finished_at": float}, pk="iteration")
+    db["tasks"].create({"id": str, "key": str, "numbers": str, "target": int, "parent": str,
+                        "source": str, "first_iteration": int, "attempts": int, "solved": int}, pk="id")
+    db["episodes"].create({"id": str, "iteration": int, "task_id": str, "parent_task_id": str,
+                           "mutated": int, "solved": int, "hint_rounds": int, "n_turns": int}, pk="id")
+    db["turns"].create({"id": int, "episode_id": str, "iteration": int, "role": str, "kind": str,
+                        "adapter": str, "adapter_version": int, "group_id": str, "prompt": str,
+                        "completion": str, "parsed": str, "verdict": str, "reward": float,
+                        "advantage": float, "prompt_tokens": int, "completion_tokens": int}, pk="id")
+    db["metrics"].create({"iteration": int, "name": str, "value": float}, pk=("iteration", "name"))
+    db["episodes"].create_index(["iteration"])
+    db["turns"].create_index(["episode_id"])
+    db["turns"].create_index(["iteration", "role", "kind"])
+    db["tasks"].create_index(["key"])
+    db["turns"].enable_fts(["prompt", "completion"], create_triggers=True)
+
+
+class EpisodeStore:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.db = Database(self.path)
+        self.db.enable_wal()
+        migrations.apply(self.db)
+
+    def start_run(self, run_id: str, config: dict) -> None:
+        self.db["runs"].upsert({"id": run_id, "created": time.time(), "config": json.dumps(config),
+                                "status": "running"}, pk="id")
+
+    def set_status(self, run_id: str, status: str) -> None:
+        self.db["runs"].update(run_id, {"status": status})
+
+    def completed_iterations(self) -> int:
+        row = self.db.execute("select coalesce(max(iteration), 0) from iterations").fetchone()
+        return int(row[0])
+
+    def truncate_after(self, iteration: int) -> None:
+        """Drop everything written after `iteration` (resume from a checkpoint replays it)."""
+        with self.db.atomic():
+            for t in ("turns", "episodes", "iterations", "metrics"):
+                self.db.execute(f"delete from {t} where iteration > ?", [iteration])
+            self.db.execute("delete from tasks where first_iteration > ?", [iteration])
+            # recount task statistics from the turns that remain
+            self.db.execute("""update tasks set
+                attempts = (select count(*) from turns t join episodes e on t.episode_id = e.id
+                            where e.task_id = tasks.id and t.kind = 'attempt' and t.group_id like '%:a'),
+                solved = (select count(*) from turns t join episodes e on t.episode_id = e.id
+                          where e.task_id = tasks.id and t.kind = 'attempt' and t.group_id like '%:a'
+                          and t.verdict = 'solved')""")
+
+    def write_iteration(self, iteration: int, tasks: list[dict], episodes: list[dict], turns: list[dict],
+                        metrics: dict[str, float]) -> None:
+        """All of one iteration in one transaction (with its `iterations` row as the commit marker)."""
+        with self.db.atomic():
+            for t in tasks:
+                row = self.db.execute("select attempts, solved from tasks where id = ?", [t["id"]]).fetchone()
+                if row is None:
+                    self.db["tasks"].insert(t)
+                else:
+                    self.db.execute("update tasks set attempts = ?, solved = ? where id = ?",
+                                    [row[0] + t["attempts"], row[1] + t["solved"], t["id"]])
+            self.db["episodes"].insert_all(episodes, batch_size=500)
+            self.db["turns"].insert_all(turns, batch_size=500)
+            self.db["metrics"].insert_all([{"iteration": iteration, "name": k, "value": float(v)}
+                                           for k, v in metrics.items()], batch_size=500, replace=True)
+            self.db["iterations"].insert({"iteration": iteration, "episodes": len(episodes),
+                                          "finished_at": time.time()}, replace=True)
+
+    def write_metrics(self, iteration: int, metrics: dict[str, float]) -> None:
+        with self.db.atomic():
+            self.db["metrics"].insert_all([{"iteration": iteration, "name": k, "value": float(v)}
+                                           for k, v in metrics.items()], replace=True)
+
+    def close(self) -> None:
+        self.db.close()

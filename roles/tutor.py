@@ -1,0 +1,55 @@
+"""Tutor turns: hint, mutate, judge. Every reward is computed from verified student outcomes.
+
+- hint: sees the task and a failed attempt, writes a hint. Reward = the student's success rate
+  over its attempts with the hint; `hint_leak` instead when the hint alone verifies as a full
+  solution. Group: the H hints written for one failed group.
+- mutate: sees a parent task, writes a child task. Reward = learnability 1 - p̂ of the child under
+  the student when 0 < p̂ < 1 (Absolute Zero's proposer reward), `mutate_degenerate` when p̂ is 0
+  or 1, `mutate_invalid` when the child is malformed, a duplicate of its parent, or not solvable
+  according to the exhaustive solver. Group: the M children of one parent.
+- judge: sees the task and one attempt, writes Y or N. Reward = 1 if it agrees with the verifier.
+  Group: the votes on one attempt.
+"""
+
+from __future__ import annotations
+
+from roles import Turn
+from roles.student import extract_answer
+from selfplay.domains.countdown import Task, parse_task, solvable, verify
+
+
+def hint_reward(hint: str, task: Task, success_rate: float, leak: float) -> float:
+    if verify(hint, task.numbers, task.target).solved:
+        return leak
+    return success_rate
+
+
+def parse_child(text: str) -> Task | None:
+    return parse_task(extract_answer(text).replace(" >", ">").replace("> ", ">"))
+
+
+def child_is_valid(child: Task | None, parent: Task) -> bool:
+    return child is not None and child.key != parent.key and solvable(child.numbers, child.target)
+
+
+def mutate_reward(valid: bool, p_hat: float, degenerate: float, invalid: float) -> float:
+    if not valid:
+        return invalid
+    if p_hat <= 0.0 or p_hat >= 1.0:
+        return degenerate
+    return 1.0 - p_hat
+
+
+def parse_verdict(text: str) -> bool | None:
+    a = extract_answer(text).upper()
+    return True if a == "Y" else False if a == "N" else None
+
+
+def judge_reward(predicted: bool | None, solved: bool) -> float:
+    return 1.0 if predicted is not None and predicted == solved else 0.0
+
+
+_TASK = {"numbers": [3, 7, 25], "target": 21}
+HINT = Turn("tutor", "hint", extract_answer, hint_reward, {**_TASK, "attempt": "25+3=28,28-7=21"})
+MUTATE = Turn("tutor", "mutate", parse_child, mutate_reward, {**_TASK, "solve_bucket": 3})
+JUDGE = Turn("tutor", "judge", parse_verdict, judge_reward, {**_TASK, "attempt": "25-7=18,18+3=21"})

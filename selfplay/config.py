@@ -1,0 +1,218 @@
+"""Run configuration: pydantic models, every field documented where it is declared.
+
+Load with `load_config(path, overrides)`; overrides are dotted `key=value` strings whose value is
+parsed as YAML (`trainer.lr=3e-4`, `graph.hint=false`). Unknown keys and bad values raise
+`ConfigError` with a one-line message naming the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ROOT = Path(os.environ.get("SELFPLAY_HOME", Path(__file__).resolve().parent.parent))
+DEFAULT_CONFIG = ROOT / "configs" / "countdown-tiny.yaml"
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the message is one line."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelCfg(Section):
+    path: str | None = Field(None, description="Local Hugging Face causal-LM directory; null = the embedded tiny base (built by `selfplay bootstrap`).")
+    cache_dir: str = Field("~/.cache/selfplay", description="Where the embedded base is built and reused, keyed by a hash of the bootstrap config.")
+    backend: Literal["torch", "vllm"] = Field("torch", description="Generation backend: the KV-cache torch sampler (CPU/GPU) or vLLM (GPU, optional extra).")
+    device: str = Field("cpu", description="torch device for the policy and the trainer.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
+    threads: int = Field(2, ge=1, description="torch intra-op threads (tests use 1; decode slows badly when oversubscribed).")
+    chat_template: bool = Field(False, description="Wrap prompts in the tokenizer's chat template (instruction-tuned models with the chat/ prompts).")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM only: share of GPU memory for weights + KV cache (the trainer shares the GPU).")
+    vllm_sleep: bool = Field(False, description="vLLM only: put the engine to sleep during training steps to free KV-cache memory.")
+
+
+class BootstrapCfg(Section):
+    hidden_size: int = Field(128, description="Tiny Qwen2 width.")
+    layers: int = Field(4, description="Tiny Qwen2 depth.")
+    heads: int = Field(4, description="Attention heads (also KV heads).")
+    intermediate_size: int = Field(384, description="MLP width.")
+    max_positions: int = Field(160, description="Longest sequence the tiny model handles (prompt + completion).")
+    seconds: float = Field(150.0, gt=0, description="Wall-clock pretraining budget; training stops at `seconds` or `steps`, whichever first.")
+    steps: int = Field(4000, description="Maximum optimizer steps.")
+    batch_size: int = Field(128, description="Sequences per pretraining step.")
+    lr: float = Field(3e-3, description="Peak AdamW learning rate (cosine decay to 10%).")
+    seed: int = Field(0, description="Seed of weights and synthetic data.")
+    max_count: int = Field(5, description="Synthetic tasks use 2..max_count numbers.")
+    max_value: int = Field(25, description="Synthetic numbers are drawn from 1..max_value: the range the default model covers.")
+    aim_fraction: float = Field(0.0, ge=0, le=1, description="Share of synthetic attempts whose target equals the chain's value; 0 = a prior that never aims (semantically random).")
+    hint_fraction: float = Field(0.3, ge=0, le=1, description="Share of synthetic attempts that carry a hint, which the chain then starts with.")
+
+
+class LoraCfg(Section):
+    r: int = Field(16, description="LoRA rank (vLLM supports 1, 8, 16, 32, 64, ...).")
+    alpha: float = Field(32.0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.0, description="LoRA dropout.")
+    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], description="Linear layers that get adapters.")
+    student: str = Field("student", description="Adapter name of the student role.")
+    tutor: str = Field("tutor", description="Adapter name of the tutor role.")
+    shared: bool = Field(False, description="Ablation: one adapter serves both roles (the tutor name is ignored).")
+
+
+class GenerationCfg(Section):
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature for rollouts (behaviour log-probs are of the tempered distribution).")
+    top_k: int = Field(0, ge=0, description="Top-k filter; 0 = off.")
+    max_new_tokens: int = Field(40, description="Student completion cap.")
+    tutor_max_new_tokens: int = Field(24, description="Tutor completion cap (hints, mutations, verdicts).")
+    max_batch: int = Field(1024, description="Largest fused generation batch (rows).")
+
+
+class GraphCfg(Section):
+    group_size: int = Field(8, ge=2, description="G: student attempts per prompt (one GRPO group).")
+    hint: bool = Field(True, description="Tutor writes hints when every attempt in a group failed.")
+    hints_per_round: int = Field(2, ge=1, description="H: hints sampled per failed group (the hint GRPO group).")
+    hint_attempts: int = Field(4, ge=1, description="Student attempts per hint; their success rate is the hint's reward.")
+    hint_rounds: int = Field(1, ge=0, description="Budget of hint rounds per episode (the router stops after it).")
+    mutate: bool = Field(True, description="Tutor mutates the parent task at the start of curriculum episodes marked for mutation.")
+    judge: bool = Field(True, description="Tutor judges student attempts (reward: agreement with the verifier).")
+    judge_attempts: int = Field(1, ge=0, description="Attempts judged per episode.")
+    judge_votes: int = Field(2, ge=1, description="Verdicts sampled per judged attempt (the judge GRPO group).")
+    concurrency: int = Field(64, ge=1, description="Episodes in flight at once (their model calls are fused).")
+
+
+class RewardsCfg(Section):
+    format_credit: float = Field(0.1, description="Student reward for a well-formed, arithmetically valid but wrong answer.")
+    mutate_degenerate: float = Field(-0.5, description="Mutate reward when the student solves the child always or never (p̂ ∈ {0, 1}).")
+    mutate_invalid: float = Field(-1.0, description="Mutate reward for a malformed, unsolvable (by the solver) or duplicate child.")
+    hint_leak: float = Field(0.0, description="Hint reward when the hint alone is a full solution.")
+
+
+class TrainerCfg(Section):
+    lr: float = Field(1e-3, gt=0, description="Student adapter AdamW learning rate (3e-3 without clipping collapsed in a prototype).")
+    tutor_lr: float = Field(1e-3, gt=0, description="Tutor adapter AdamW learning rate.")
+    betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas.")
+    weight_decay: float = Field(0.0, description="AdamW weight decay on LoRA weights.")
+    clip_low: float = Field(0.2, ge=0, description="PPO ratio clip below: ratio >= 1 - clip_low.")
+    clip_high: float = Field(0.28, ge=0, description="PPO ratio clip above (DAPO clip-higher): ratio <= 1 + clip_high.")
+    kl_coef: float = Field(0.0, ge=0, description="k3 KL penalty to the reference (adapters disabled); 0 skips the reference forward.")
+    aggregation: Literal["token", "sequence", "dr_grpo"] = Field("token", description="Loss aggregation: token = DAPO token mean over the batch; sequence = GRPO mean per sequence then over sequences; dr_grpo = token sum / (rows * max_new_tokens).")
+    scale_std: bool = Field(True, description="Divide group advantages by the group std (False = Dr.GRPO).")
+    drop_zero_variance: bool = Field(True, description="Skip groups whose rewards are all equal (no signal).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping per adapter.")
+    train_tutor: bool = Field(True, description="Update the tutor adapter (False freezes it: tutor = base + frozen adapter).")
+    train_on_hinted: bool = Field(True, description="Student groups on hinted prompts are trained too (the prompt keeps the hint).")
+    micro_batch: int = Field(256, ge=1, description="Rows per forward/backward (gradients are accumulated).")
+
+
+class CurriculumCfg(Section):
+    episodes_per_iter: int = Field(16, ge=1, description="Episodes per iteration (each has a student group of G).")
+    fresh_fraction: float = Field(0.5, ge=0, le=1, description="Share of episodes on freshly generated tasks.")
+    replay_fraction: float = Field(0.25, ge=0, le=1, description="Share replaying pool tasks ranked by learning potential; the rest are mutations.")
+    mutate_group: int = Field(2, ge=1, description="M: episodes sharing one parent when mutating (the mutate GRPO group).")
+    staleness: float = Field(0.3, ge=0, le=1, description="PLR mix: P = (1 - staleness) * P_score + staleness * P_stale.")
+    temperature: float = Field(0.3, gt=0, description="PLR rank-prioritisation temperature.")
+    pool_size: int = Field(2000, description="Most tasks kept in the replay pool.")
+    min_count: int = Field(3, description="Fresh tasks: fewest numbers.")
+    max_count: int = Field(4, description="Fresh tasks: most numbers (mutations may add one more).")
+    min_value: int = Field(1, description="Fresh tasks: smallest number.")
+    max_value: int = Field(25, description="Fresh tasks: largest number.")
+    max_target: int = Field(100, description="Fresh tasks: largest target.")
+
+
+class EvalCfg(Section):
+    n_tasks: int = Field(200, description="Held-out tasks (seeded; their keys are excluded from training).")
+    seed: int = Field(10_007, description="Seed of the held-out set (a stream separate from training).")
+    samples: int = Field(8, ge=1, description="k samples per task for the sampled solve rate.")
+    every: int = Field(0, ge=0, description="Evaluate every N iterations (0 = only before and after).")
+    min_count: int = Field(3, description="Held-out tasks: fewest numbers.")
+    max_count: int = Field(4, description="Held-out tasks: most numbers.")
+    max_value: int = Field(25, description="Held-out tasks: largest number.")
+    max_target: int = Field(100, description="Held-out tasks: largest target.")
+    judge_attempts: int = Field(64, description="Attempts whose verdicts measure judge accuracy (0 = skip).")
+
+
+class PromptsCfg(Section):
+    dir: str = Field("tiny", description="Folder under prompts/ (tiny = the embedded model's format, chat = natural language), or an absolute path.")
+    attempt: str = Field("attempt.j2", description="Student attempt template.")
+    hint: str = Field("hint_step.j2", description="Tutor hint template.")
+    mutate: str = Field("mutate_edit.j2", description="Tutor mutate template.")
+    judge: str = Field("judge.j2", description="Tutor judge template.")
+
+
+class LoggingCfg(Section):
+    tensorboard: bool = Field(True, description="Write TensorBoard event files under the run dir.")
+    plot: bool = Field(True, description="Write learning_curves.png at the end.")
+    checkpoint_every: int = Field(25, ge=1, description="Checkpoint adapters, optimizers, RNG and curriculum every N iterations.")
+    progress: bool = Field(True, description="Show a rich progress bar.")
+
+
+class RunConfig(Section):
+    seed: int = Field(0, description="Seed of curriculum, sampling and adapter init.")
+    iterations: int = Field(400, ge=1, description="Iterations to run (one iteration = episodes -> rewards -> updates).")
+    max_student_samples: int | None = Field(None, description="Stop once this many student samples were drawn (equal-budget ablations).")
+    model: ModelCfg = ModelCfg()
+    bootstrap: BootstrapCfg = BootstrapCfg()
+    lora: LoraCfg = LoraCfg()
+    generation: GenerationCfg = GenerationCfg()
+    graph: GraphCfg = GraphCfg()
+    rewards: RewardsCfg = RewardsCfg()
+    trainer: TrainerCfg = TrainerCfg()
+    curriculum: CurriculumCfg = CurriculumCfg()
+    eval: EvalCfg = EvalCfg()
+    prompts: PromptsCfg = PromptsCfg()
+    logging: LoggingCfg = LoggingCfg()
+
+    def digest(self, section: str) -> str:
+        return hashlib.sha1(json.dumps(getattr(self, section).model_dump(), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _set(d: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"{dotted}: '{p}' is not a section")
+    d[leaf] = value
+
+
+def _format(e: ValidationError) -> str:
+    err = e.errors()[0]
+    key = ".".join(str(x) for x in err["loc"])
+    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+    return f"config key '{key}': {msg}"
+
+
+def build_config(data: dict, overrides: list[str] = ()) -> RunConfig:
+    data = json.loads(json.dumps(data or {}))
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override '{o}' is not key=value")
+        k, v = o.split("=", 1)
+        _set(data, k.strip(), yaml.safe_load(v) if v.strip() else None)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format(e)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    p = Path(path) if path else DEFAULT_CONFIG
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    data.pop("variants", None)  # ablation files carry a grid next to the base config
+    data.pop("seeds", None)
+    return build_config(data, overrides)

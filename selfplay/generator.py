@@ -1,0 +1,120 @@
+"""The generator interface: async requests (role, prompt, n samples) fused into batched forwards.
+
+Episodes are coroutines; each awaits `Generator.generate(...)`. Requests are queued, and a flush is
+scheduled when the first one arrives. The flush yields to the event loop until no new request has
+arrived for a few turns (every runnable episode has reached its next model call), then runs ONE
+batched generation for all queued rows, mixed roles included (per-row adapter names, per-row token
+caps), and resolves each request's future. So 64 concurrent episodes give batches of ~64 x n rows,
+not 64 batches. `batch_sizes` records the rows of every fused call (tests and benches read it).
+
+Backends implement `complete(prompts, adapters, caps) -> list[Completion]`: `TorchBackend` (the
+KV-cache sampler) here, `selfplay.vllm_backend.VLLMBackend` on a GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import torch
+
+from selfplay.sampler import Completion, sample
+
+
+@dataclass
+class Sample:
+    role: str
+    prompt_ids: list[int]
+    ids: list[int]  # completion ids (EOS included when finished)
+    logprobs: list[float]
+    text: str
+
+
+class TorchBackend:
+    def __init__(self, policy, temperature: float, top_k: int, seed: int):
+        self.policy = policy
+        self.temperature, self.top_k = temperature, top_k
+        self.rng = torch.Generator(device=policy.cfg.model.device).manual_seed(seed)
+
+    def complete(self, prompts, adapters, caps, temperature=None) -> list[Completion]:
+        pol = self.policy
+        pol.model.eval()
+        return sample(pol.model, prompts, max_new_tokens=caps, eos_id=pol.eos_id, pad_id=pol.pad_id,
+                      temperature=self.temperature if temperature is None else temperature,
+                      top_k=self.top_k, adapter_names=adapters, generator=self.rng)
+
+    def sync_adapters(self, version: int) -> None:
+        """The torch backend samples from the live peft model: nothing to sync."""
+
+    def rng_state(self):
+        return self.rng.get_state()
+
+    def set_rng_state(self, state) -> None:
+        self.rng.set_state(state)
+
+
+@dataclass
+class _Request:
+    role: str
+    prompts: list[list[int]]
+    cap: int
+    future: asyncio.Future
+
+
+class Generator:
+    def __init__(self, policy, backend, max_batch: int, settle: int = 3):
+        self.policy, self.backend = policy, backend
+        self.max_batch, self.settle = max_batch, settle
+        self.queue: list[_Request] = []
+        self._flush: asyncio.Task | None = None
+        self.batch_sizes: list[int] = []
+        self.tokens = {"student": 0, "tutor": 0}
+        self.prompt_tokens = {"student": 0, "tutor": 0}
+        self.seconds = 0.0
+
+    async def generate(self, role: str, prompt_ids: list[int], n: int, max_new_tokens: int) -> list[Sample]:
+        """n samples of `role` for one prompt; resolves when the fused batch holding them ran."""
+        fut = asyncio.get_running_loop().create_future()
+        self.queue.append(_Request(role, [prompt_ids] * n, max_new_tokens, fut))
+        if self._flush is None or self._flush.done():
+            self._flush = asyncio.ensure_future(self._run())
+        return await fut
+
+    async def _run(self) -> None:
+        seen, quiet = -1, 0
+        while quiet < self.settle:  # wait until every runnable episode has queued its next call
+            await asyncio.sleep(0)
+            quiet = quiet + 1 if len(self.queue) == seen else 0
+            seen = len(self.queue)
+        reqs, self.queue = self.queue, []
+        try:
+            self._complete(reqs)
+        except Exception as e:  # surface a backend failure in every waiting episode
+            for r in reqs:
+                if not r.future.done():
+                    r.future.set_exception(e)
+        if self.queue:  # requests queued while we ran
+            self._flush = asyncio.ensure_future(self._run())
+
+    def _complete(self, reqs: list[_Request]) -> None:
+        rows = [(r, p) for r in reqs for p in r.prompts]
+        outs: list[Completion] = []
+        t0 = time.perf_counter()
+        for i in range(0, len(rows), self.max_batch):
+            chunk = rows[i: i + self.max_batch]
+            self.batch_sizes.append(len(chunk))
+            outs += self.backend.complete([p for _, p in chunk],
+                                          [self.policy.adapters[r.role] for r, _ in chunk],
+                                          [r.cap for r, _ in chunk])
+        self.seconds += time.perf_counter() - t0
+        k = 0
+        for r in reqs:
+            samples = []
+            for p in r.prompts:
+                c = outs[k]
+                k += 1
+                self.tokens[r.role] += len(c.ids)
+                self.prompt_tokens[r.role] += len(p)
+                samples.append(Sample(r.role, p, c.ids, c.logprobs, self.policy.decode(c.ids)))
+            r.future.set_result(samples)

@@ -1,0 +1,82 @@
+"""GRPO math as pure functions.
+
+Variant (defaults in `TrainerCfg`):
+- Advantages are computed per group, and groups never mix roles or turn kinds: a group is the G
+  attempts on one prompt (student), the H hints for one failed group, the M children of one
+  parent, or the votes on one attempt (tutor). A_i = (r_i - mean_g) / (std_g + eps) with the sample
+  (unbiased, n-1) std as in TRL; `scale_std=False` gives Dr.GRPO's A_i = r_i - mean_g.
+- Groups whose rewards are all equal carry no signal and are dropped (`drop_zero_variance`);
+  singleton groups are always dropped (no baseline).
+- Objective: PPO clipped ratio per token, with asymmetric clip (DAPO clip-higher):
+  L_t = -min(rho_t A, clip(rho_t, 1 - clip_low, 1 + clip_high) A), rho_t = exp(logp_t - old_logp_t).
+  With one update per batch (epochs = 1) old_logp = logp.detach(), so rho = 1 and the clip is
+  inert; it matters with `epochs > 1`.
+- Optional KL to the reference (base with adapters disabled), k3 estimator per token:
+  KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1, added as kl_coef * KL_t.
+- Aggregation: "token" = sum over all completion tokens / their count (DAPO); "sequence" = mean
+  over tokens per sequence, then mean over sequences (original GRPO); "dr_grpo" = sum over tokens /
+  (rows * max_new_tokens) (Dr.GRPO's constant normaliser, no length bias).
+  `aggregate` takes the full batch's counts so micro-batches sum to the full-batch loss.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Hashable, Sequence
+
+import torch
+
+
+def group_advantages(rewards: Sequence[float], groups: Sequence[Hashable], scale_std: bool = True,
+                     eps: float = 1e-6) -> tuple[list[float], list[bool]]:
+    """Per-group normalised advantages and a keep flag (False for zero-variance or singleton groups)."""
+    members: dict[Hashable, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    adv, keep = [0.0] * len(rewards), [False] * len(rewards)
+    for idx in members.values():
+        r = torch.tensor([float(rewards[i]) for i in idx], dtype=torch.float64)
+        if len(idx) < 2:
+            continue
+        a = r - r.mean()
+        std = r.std()  # unbiased
+        if scale_std:
+            a = a / (std + eps)
+        for i, v in zip(idx, a.tolist()):
+            adv[i] = v
+            keep[i] = bool(std > 0)
+    return adv, keep
+
+
+def per_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                   clip_low: float, clip_high: float, ref_logprobs: torch.Tensor | None = None,
+                   kl_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Clipped-ratio policy loss per token. logprobs/old/ref: (B, C); advantages: (B,). Returns (B, C)."""
+    ratio = torch.exp(logprobs - old_logprobs)  # (B, C)
+    A = advantages[:, None]  # (B, 1)
+    unclipped = ratio * A
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * A
+    loss = -torch.minimum(unclipped, clipped)  # (B, C)
+    stats = {"clip_frac": (clipped < unclipped).float()}  # the clipped term is the active one
+    if ref_logprobs is not None and kl_coef > 0:
+        d = ref_logprobs - logprobs
+        kl = torch.exp(d) - d - 1  # k3, >= 0
+        loss = loss + kl_coef * kl
+        stats["kl"] = kl
+    return loss, stats
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str, n_rows: int, n_tokens: int,
+              max_tokens: int) -> torch.Tensor:
+    """Reduce (B, C) per-token losses of a micro-batch to its share of the full-batch loss.
+
+    n_rows / n_tokens: rows and completion tokens of the FULL batch; max_tokens: the generation cap.
+    """
+    masked = per_token * mask
+    if how == "token":
+        return masked.sum() / max(n_tokens, 1)
+    if how == "sequence":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / max(n_rows, 1)
+    if how == "dr_grpo":
+        return masked.sum() / (max(n_rows, 1) * max_tokens)
+    raise ValueError(f"unknown aggregation {how!r}")

@@ -1,0 +1,269 @@
+"""The self-play loop. One iteration, top to bottom:
+
+    sample tasks -> run episodes (attempt, verify, hint, mutate, judge) -> rewards (in the turns)
+    -> advantages per (role x turn kind) group -> update student -> update tutor
+    -> write memory (one transaction) -> log -> checkpoint
+
+Compute accounting (for equal-compute comparisons, tutor included): generation costs 2·N FLOPs
+per token (prompt and completion), training 6·N per token of every row in the update, with N the
+base's parameter count. The run stops at `iterations` or at `max_student_samples`.
+
+Crash safety: memory holds whole iterations only; checkpoints (adapters, optimizers, RNG states,
+curriculum, counters) are written every `checkpoint_every` iterations by rename. `resume` restores
+the checkpoint and drops memory rows written after it, then replays those iterations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from memory.store import EpisodeStore
+from selfplay import grpo
+from selfplay.config import RunConfig, build_config
+from selfplay.curriculum import Curriculum
+from selfplay.evaluate import compare, evaluate, heldout_tasks
+from selfplay.generator import Generator, TorchBackend
+from selfplay.graph import build_graph, episode_input, run_episodes
+from selfplay.policy import Policy
+from selfplay.prompts import Prompts
+from selfplay.trainer import Row, Trainer
+
+
+class RunError(RuntimeError):
+    """A user-facing problem with the run directory (one-line message)."""
+
+
+DB_FIELDS = ("episode_id", "iteration", "role", "kind", "adapter", "adapter_version", "group_id", "prompt",
+             "completion", "parsed", "verdict", "reward", "advantage", "prompt_tokens", "completion_tokens")
+
+
+def make_backend(cfg: RunConfig, policy: Policy):
+    if cfg.model.backend == "vllm":
+        from selfplay.vllm_backend import VLLMBackend  # imported only when selected
+
+        return VLLMBackend(policy, cfg)
+    return TorchBackend(policy, cfg.generation.temperature, cfg.generation.top_k, cfg.seed)
+
+
+def prepare_dir(out: Path, cfg: RunConfig | None, resume: bool) -> RunConfig:
+    """Validate the run dir; on resume the run's own config is used."""
+    if resume:
+        if not (out / "config.yaml").is_file():
+            raise RunError(f"--resume: {out} is not a selfplay run dir (no config.yaml)")
+        return build_config(yaml.safe_load((out / "config.yaml").read_text()))
+    if (out / "memory.db").exists() or (out / "config.yaml").exists():
+        raise RunError(f"{out} already holds a run; use --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return cfg
+
+
+class SelfPlay:
+    """Everything a run holds; `iteration()` is the algorithm, the rest is plumbing."""
+
+    def __init__(self, cfg: RunConfig, out: Path):
+        self.cfg, self.out = cfg, out
+        torch.set_num_threads(cfg.model.threads)
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.prompts = Prompts(cfg.prompts)
+        self.policy = Policy(cfg)
+        self.backend = make_backend(cfg, self.policy)
+        self.gen = Generator(self.policy, self.backend, cfg.generation.max_batch)
+        self.heldout = heldout_tasks(cfg.eval)
+        self.curriculum = Curriculum(cfg, {t.key for t in self.heldout})
+        self.trainer = Trainer(self.policy, cfg)
+        self.graph = build_graph(cfg, self.gen, self.prompts, self.trainer.versions,
+                                 {t.key for t in self.heldout})
+        self.store = EpisodeStore(out / "memory.db")
+        self.totals = {"samples/student": 0, "samples/tutor": 0, "tokens/student_gen": 0, "tokens/tutor_gen": 0,
+                       "tokens/student_train": 0, "tokens/tutor_train": 0, "time/seconds": 0.0}
+        self.iteration_done = 0
+
+    # ---------------------------------------------------------------- the algorithm
+
+    def iteration(self, it: int) -> dict[str, float]:
+        cfg, t0 = self.cfg, time.perf_counter()
+        # 1. sample tasks
+        assignments = self.curriculum.next(it)
+        # 2. run episodes: rollouts, verification and every turn's reward happen in the graph
+        inputs = [episode_input(f"{it}.{k}", it, a.task, a.mutate_group) for k, a in enumerate(assignments)]
+        gen_s0 = self.gen.seconds
+        states = asyncio.run(run_episodes(self.graph, inputs, cfg.graph.concurrency))
+        t_rollout = time.perf_counter() - t0
+        turns = [t for s in states for t in s["turns"]]
+        # 3. advantages per (role, kind, group): never across roles or turn kinds
+        groups = [(t["role"], t["kind"], t["group_id"]) for t in turns]
+        adv, keep = grpo.group_advantages([t["reward"] for t in turns], groups, cfg.trainer.scale_std)
+        rows = {"student": [], "tutor": []}
+        for t, a, k in zip(turns, adv, keep):
+            t["advantage"] = a
+            hinted = t["kind"] == "attempt" and not t["group_id"].endswith(":a")
+            if (k or not cfg.trainer.drop_zero_variance) and not (hinted and not cfg.trainer.train_on_hinted):
+                rows[t["role"]].append(Row(t["prompt_ids"], t["completion_ids"], a))
+        # 4. update student, then tutor (separate adapters, separate optimizers)
+        t1 = time.perf_counter()
+        m = self.trainer.step("student", rows["student"], cfg.generation.max_new_tokens)
+        if cfg.trainer.train_tutor:
+            m.update(self.trainer.step("tutor", rows["tutor"], cfg.generation.tutor_max_new_tokens))
+        self.backend.sync_adapters(it)
+        t_train = time.perf_counter() - t1
+        # 5. memory, curriculum feedback, metrics
+        m.update(self._account(turns, rows))
+        m.update(self._record(it, states, turns))
+        dt = time.perf_counter() - t0
+        gen_tokens = sum(t["completion_tokens"] for t in turns)
+        m.update({"rollout/tokens_per_s": gen_tokens / max(self.gen.seconds - gen_s0, 1e-9),
+                  "time/rollout_s": t_rollout, "time/train_s": t_train, "time/iteration_s": dt,
+                  "rollout/episodes_per_s": len(states) / t_rollout})
+        self.totals["time/seconds"] += dt
+        return m
+
+    def _account(self, turns: list[dict], rows: dict) -> dict[str, float]:
+        N = self.policy.n_params
+        for role in ("student", "tutor"):
+            mine = [t for t in turns if t["role"] == role]
+            self.totals[f"samples/{role}"] += len(mine)
+            self.totals[f"tokens/{role}_gen"] += sum(t["prompt_tokens"] + t["completion_tokens"] for t in mine)
+            self.totals[f"tokens/{role}_train"] += sum(len(r.prompt_ids) + len(r.completion_ids) for r in rows[role])
+        out = dict(self.totals)
+        for role in ("student", "tutor"):
+            out[f"flops/{role}"] = 2 * N * self.totals[f"tokens/{role}_gen"] + 6 * N * self.totals[f"tokens/{role}_train"]
+        out["flops/total"] = out["flops/student"] + out["flops/tutor"]
+        return out
+
+    def _record(self, it: int, states: list[dict], turns: list[dict]) -> dict[str, float]:
+        tasks, episodes = [], []
+        for s in states:
+            cur = s["current"]
+            unhinted = [t for t in s["turns"] if t["group_id"].endswith(":a")]
+            solved = sum(t["verdict"] == "solved" for t in unhinted)
+            self.curriculum.update(cur, len(unhinted), solved, it)
+            tasks.append({"id": cur.id, "key": cur.key, "numbers": json.dumps(cur.numbers), "target": cur.target,
+                          "parent": cur.parent, "source": cur.source, "first_iteration": it,
+                          "attempts": len(unhinted), "solved": solved})
+            episodes.append({"id": s["episode_id"], "iteration": it, "task_id": cur.id,
+                             "parent_task_id": s["task"].id if s["mutate"] else None, "mutated": int(s["mutate"]),
+                             "solved": int(s["solved"]), "hint_rounds": s["hint_round"], "n_turns": len(s["turns"])})
+        db_turns = [{k: t[k] for k in DB_FIELDS} for t in turns]
+        metrics = _turn_metrics(turns, self.cfg.graph.group_size)
+        self.store.write_iteration(it, tasks, episodes, db_turns, metrics)
+        return metrics
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self, it: int) -> None:
+        new, cur, old = (self.out / n for n in ("checkpoint.new", "checkpoint", "checkpoint.old"))
+        shutil.rmtree(new, ignore_errors=True)
+        self.policy.save_adapters(new / "adapters")
+        torch.save({"iteration": it, "trainer": self.trainer.state(), "totals": self.totals,
+                    "curriculum": self.curriculum.state(), "torch_rng": torch.get_rng_state(),
+                    "python_rng": random.getstate(), "backend_rng": self.backend.rng_state(),
+                    "gen_tokens": (self.gen.tokens, self.gen.prompt_tokens)}, new / "state.pt")
+        if cur.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            cur.rename(old)
+        new.rename(cur)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self) -> int:
+        for name in ("checkpoint", "checkpoint.old"):
+            d = self.out / name
+            if (d / "state.pt").is_file():
+                break
+        else:
+            return 0
+        st = torch.load(d / "state.pt", weights_only=False)
+        self.policy.load_adapters(d / "adapters")
+        self.trainer.load(st["trainer"])
+        self.curriculum.load(st["curriculum"])
+        torch.set_rng_state(st["torch_rng"])
+        random.setstate(st["python_rng"])
+        self.backend.set_rng_state(st["backend_rng"])
+        self.gen.tokens, self.gen.prompt_tokens = st["gen_tokens"]
+        self.totals = st["totals"]
+        return st["iteration"]
+
+
+def _turn_metrics(turns: list[dict], G: int) -> dict[str, float]:
+    def mean(xs):
+        xs = list(xs)
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    att = [t for t in turns if t["kind"] == "attempt" and t["group_id"].endswith(":a")]
+    hinted = [t for t in turns if t["kind"] == "attempt" and not t["group_id"].endswith(":a")]
+    m = {"student/solve_rate": mean(t["verdict"] == "solved" for t in att),
+         "student/reward": mean(t["reward"] for t in att),
+         "student/bad_arithmetic": mean(t["verdict"] == "bad_arithmetic" for t in att),
+         "student/completion_tokens": mean(t["completion_tokens"] for t in att),
+         "student/hinted_solve_rate": mean(t["verdict"] == "solved" for t in hinted)}
+    for kind in ("hint", "mutate", "judge"):
+        mine = [t for t in turns if t["kind"] == kind]
+        if mine:
+            m[f"tutor/{kind}_reward"] = mean(t["reward"] for t in mine)
+            m[f"tutor/{kind}_turns"] = len(mine)
+    mut = [t for t in turns if t["kind"] == "mutate"]
+    if mut:
+        m["tutor/mutate_valid_rate"] = mean(t["verdict"] == "valid" for t in mut)
+    return {k: v for k, v in m.items() if v == v}  # drop NaN
+
+
+def run(cfg: RunConfig | None, out: Path, resume: bool = False, console=None) -> dict:
+    """`selfplay run`: train, evaluating before and after; returns the summary."""
+    from selfplay.reporting import Progress, RunLogger
+
+    cfg = prepare_dir(out, cfg, resume)
+    sp = SelfPlay(cfg, out)
+    start = 0
+    if resume:
+        start = sp.load_checkpoint()
+        sp.store.truncate_after(start)
+    sp.store.start_run(out.name, cfg.model_dump(mode="json"))
+    logger = RunLogger(out, cfg, console)
+    before_path = out / "eval_before.json"
+    if before_path.is_file():
+        before = json.loads(before_path.read_text())
+    else:  # iteration 0: LoRA B = 0, so the student is the base
+        before = evaluate(sp.policy, sp.backend, sp.prompts, sp.heldout, cfg)
+        before_path.write_text(json.dumps(before))
+    logger.log_eval(0, before, "before")
+    with Progress(cfg, start, console) as bar:
+        for it in range(start + 1, cfg.iterations + 1):
+            if cfg.max_student_samples and sp.totals["samples/student"] >= cfg.max_student_samples:
+                break
+            m = sp.iteration(it)
+            logger.log(it, m)
+            bar.update(it, m)
+            if cfg.eval.every and it % cfg.eval.every == 0:
+                ev = evaluate(sp.policy, sp.backend, sp.prompts, sp.heldout, cfg, judge_attempts=0)
+                sp.store.write_metrics(it, {"eval/solve_rate": ev["solve_rate"],
+                                            "eval/greedy_solve_rate": ev["greedy_solve_rate"]})
+                logger.log_eval(it, ev, "eval")
+            if it % cfg.logging.checkpoint_every == 0:
+                sp.save_checkpoint(it)
+            sp.iteration_done = it
+    last = sp.iteration_done or start
+    sp.save_checkpoint(last)
+    after = evaluate(sp.policy, sp.backend, sp.prompts, sp.heldout, cfg)
+    (out / "eval_after.json").write_text(json.dumps(after))
+    logger.log_eval(last, after, "after")
+    summary = {"iterations": last, "before": _strip(before), "after": _strip(after),
+               "improvement": compare(before, after), "totals": dict(sp.totals),
+               "flops": {k: v for k, v in sp._account([], {"student": [], "tutor": []}).items() if k.startswith("flops")}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    sp.store.set_status(out.name, "finished")
+    logger.finish(summary)
+    sp.store.close()
+    return summary
+
+
+def _strip(ev: dict) -> dict:
+    return {k: v for k, v in ev.items() if k != "per_task"}

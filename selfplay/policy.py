@@ -1,0 +1,163 @@
+"""One base causal LM with one LoRA adapter per role (peft).
+
+- The base is any Hugging Face causal-LM directory (`model.path`), or the embedded tiny base, which
+  is bootstrapped on first use and loaded through the same `from_pretrained` code.
+- Adapters: `student` and `tutor` (names from config); with `lora.shared` both roles use one adapter.
+  Fresh LoRA has B = 0, so student == tutor == base at step 0.
+- `logprobs` scores completions under a role's adapter; `ref_logprobs` under the base with
+  adapters disabled (the KL reference).
+- Training batches put left-padded prompts before right-padded completions, so every completion
+  starts at the same column and only its logits are computed (`logits_to_keep`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from selfplay.config import RunConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def ensure_base(cfg: RunConfig, log=print) -> Path:
+    """The base model directory: `model.path`, or the cached tiny base (built if missing)."""
+    if cfg.model.path:
+        p = Path(cfg.model.path).expanduser()
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"model.path: no Hugging Face model at {p} (config.json missing)")
+        return p
+    from selfplay.bootstrap import base_dir, pretrain
+
+    p = base_dir(cfg.bootstrap, cfg.model.cache_dir)
+    if not (p / "bootstrap.json").is_file():
+        log(f"bootstrapping the tiny base into {p} (about {cfg.bootstrap.seconds:.0f} s)")
+        pretrain(cfg.bootstrap, p)
+    return p
+
+
+@dataclass
+class Batch:
+    """A training batch for one role: prompt+completion rows laid out for `logits_to_keep`."""
+
+    input_ids: torch.Tensor  # (B, P+C)
+    attention_mask: torch.Tensor  # (B, P+C)
+    completion_mask: torch.Tensor  # (B, C) 1 on completion tokens
+    C: int
+
+
+def make_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Batch:
+    P = max(len(p) for p in prompts)
+    C = max(1, max(len(c) for c in completions))
+    B = len(prompts)
+    ids = torch.full((B, P + C), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, P + C), dtype=torch.long)
+    cmask = torch.zeros((B, C))
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids[i, P - len(p): P] = torch.tensor(p)
+        mask[i, P - len(p): P] = 1
+        if c:
+            ids[i, P: P + len(c)] = torch.tensor(c)
+            mask[i, P: P + len(c)] = 1
+            cmask[i, : len(c)] = 1
+    return Batch(ids, mask, cmask, C)
+
+
+class Policy:
+    def __init__(self, cfg: RunConfig, base_path: Path | None = None):
+        self.cfg = cfg
+        path = base_path or ensure_base(cfg)
+        self.path = path
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.model.dtype])
+        base.to(cfg.model.device)
+        lc = cfg.lora
+        self.lora_config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                      target_modules=list(lc.target_modules), task_type="CAUSAL_LM")
+        torch.manual_seed(cfg.seed)
+        self.model = get_peft_model(base, self.lora_config, adapter_name=lc.student)
+        if not lc.shared:
+            self.model.add_adapter(lc.tutor, self.lora_config)
+        self.adapters = {"student": lc.student, "tutor": lc.student if lc.shared else lc.tutor}
+        self.model.eval()
+        self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id
+        self.n_params = sum(p.numel() for p in base.parameters())
+
+    # ---------------------------------------------------------------- text
+
+    def encode(self, prompt: str) -> list[int]:
+        if self.cfg.model.chat_template:
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                      add_generation_prompt=True, tokenize=True)
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # ---------------------------------------------------------------- adapters
+
+    def adapter_params(self, role: str) -> list[torch.nn.Parameter]:
+        name = self.adapters[role]
+        return [p for n, p in self.model.named_parameters() if f".{name}." in n and "lora_" in n]
+
+    def use(self, role: str) -> None:
+        """Make `role`'s adapter active (and the only trainable one)."""
+        self.model.set_adapter(self.adapters[role])
+
+    def save_adapters(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        names = sorted(set(self.adapters.values()))
+        self.model.save_pretrained(str(out), selected_adapters=names)
+        (out / "roles.json").write_text(json.dumps(self.adapters))
+
+    def load_adapters(self, src: Path) -> None:
+        """Load adapter weights saved by `save_adapters` into the live model (in place)."""
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        for name in sorted(set(self.adapters.values())):
+            d = src if name == "default" else src / name
+            f = d / "adapter_model.safetensors"
+            if not f.is_file() and name == self.cfg.lora.student:
+                f = src / "adapter_model.safetensors"  # peft writes the first adapter at the top level
+            set_peft_model_state_dict(self.model, load_file(str(f)), adapter_name=name)
+
+    # ---------------------------------------------------------------- scoring
+
+    def _forward_logprobs(self, b: Batch) -> torch.Tensor:
+        dev = self.cfg.model.device
+        ids, mask = b.input_ids.to(dev), b.attention_mask.to(dev)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                            logits_to_keep=b.C + 1).logits[:, :-1].float()  # (B, C, V)
+        targets = ids[:, -b.C:]  # (B, C)
+        return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)  # (B, C)
+
+    def logprobs(self, b: Batch, role: str) -> torch.Tensor:
+        """Per-token log-probs of the completions under `role`'s adapter, with grad. (B, C)"""
+        self.use(role)
+        return self._forward_logprobs(b)
+
+    @torch.no_grad()
+    def ref_logprobs(self, b: Batch) -> torch.Tensor:
+        """Per-token log-probs under the base (adapters disabled). (B, C)"""
+        with self.model.disable_adapter():
+            return self._forward_logprobs(b)
+
+
+def load_policy_from_run(run_dir: Path, cfg: RunConfig) -> Policy:
+    """The policy of a finished or checkpointed run (latest checkpoint's adapters)."""
+    pol = Policy(cfg)
+    ckpt = run_dir / "checkpoint" / "adapters"
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no checkpoint/adapters (is it a selfplay run dir?)")
+    pol.load_adapters(ckpt)
+    return pol

@@ -1,0 +1,118 @@
+"""Plumbing for people: progress bar, TensorBoard, metrics.jsonl, summary table, learning-curve PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
+from rich.table import Table
+
+from selfplay.config import RunConfig
+
+
+class Progress:
+    def __init__(self, cfg: RunConfig, start: int, console: Console | None):
+        self.enabled = cfg.logging.progress
+        self.bar = RichProgress(TextColumn("[bold]selfplay"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                console=console or Console(stderr=True), disable=not self.enabled)
+        self.task = self.bar.add_task("run", total=cfg.iterations, completed=start, info="")
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *a):
+        self.bar.__exit__(*a)
+
+    def update(self, it: int, m: dict) -> None:
+        info = (f"solve {m.get('student/solve_rate', 0):.3f} hint {m.get('tutor/hint_reward', float('nan')):.2f} "
+                f"{m.get('time/iteration_s', 0):.2f}s/it")
+        self.bar.update(self.task, completed=it, info=info)
+
+
+class RunLogger:
+    def __init__(self, out: Path, cfg: RunConfig, console: Console | None):
+        self.out, self.cfg = out, cfg
+        self.console = console or Console(stderr=True)
+        self.tb = None
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tb"))
+        self.jsonl = open(out / "metrics.jsonl", "a")
+
+    def log(self, it: int, m: dict) -> None:
+        self.jsonl.write(json.dumps({"iteration": it, **m}) + "\n")
+        self.jsonl.flush()
+        if self.tb:
+            for k, v in m.items():
+                self.tb.add_scalar(k, v, it)
+
+    def log_eval(self, it: int, ev: dict, tag: str) -> None:
+        self.log(it, {f"eval/solve_rate": ev["solve_rate"], "eval/greedy_solve_rate": ev["greedy_solve_rate"],
+                      "eval/tag": {"before": 0, "eval": 1, "after": 2}[tag]})
+
+    def finish(self, summary: dict) -> None:
+        self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+        if self.cfg.logging.plot:
+            plot_run(self.out)
+        self.console.print(summary_table(summary))
+
+
+def summary_table(s: dict) -> Table:
+    t = Table(title=f"held-out, no hints ({s['before']['n_tasks']} tasks, {s['before']['samples']} samples each)")
+    for c in ("", "before", "after"):
+        t.add_column(c)
+    b, a = s["before"], s["after"]
+    t.add_row("sampled solve rate", f"{b['solve_rate']:.3f} ± {b['solve_rate_se']:.3f}",
+              f"{a['solve_rate']:.3f} ± {a['solve_rate_se']:.3f}")
+    t.add_row("greedy solve rate", f"{b['greedy_solve_rate']:.3f}", f"{a['greedy_solve_rate']:.3f}")
+    for r in ("wrong_value", "bad_arithmetic", "bad_numbers", "unparseable"):
+        t.add_row(f"  {r}", f"{b['reasons'].get(r, 0):.3f}", f"{a['reasons'].get(r, 0):.3f}")
+    if "judge_accuracy" in a:
+        t.add_row("judge accuracy", f"{b.get('judge_accuracy', float('nan')):.3f}", f"{a['judge_accuracy']:.3f}")
+    imp = s["improvement"]
+    t.add_row("paired Δ sampled", "", f"{imp['delta']:+.3f} ± {imp['delta_se']:.3f} (z = {imp['z']:.1f})")
+    t.add_row("iterations / student samples", "", f"{s['iterations']} / {s['totals']['samples/student']}")
+    return t
+
+
+def read_metrics(out: Path) -> list[dict]:
+    p = out / "metrics.jsonl"
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
+
+
+def plot_run(out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_metrics(out) if "student/solve_rate" in r]
+    keys = [k for k in ("student/solve_rate", "student/hinted_solve_rate", "tutor/hint_reward",
+                        "tutor/mutate_reward", "tutor/judge_reward", "student/bad_arithmetic") if any(k in r for r in rows)]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for k in keys:
+        xs = [r["iteration"] for r in rows if k in r]
+        ys = [r[k] for r in rows if k in r]
+        w = max(1, len(ys) // 30)  # moving average: per-iteration values are noisy
+        sm = [sum(ys[max(0, i - w + 1): i + 1]) / len(ys[max(0, i - w + 1): i + 1]) for i in range(len(ys))]
+        ax.plot(xs, sm, label=k)
+    ev = [r for r in read_metrics(out) if "eval/solve_rate" in r]
+    if ev:
+        ax.plot([r["iteration"] for r in ev], [r["eval/solve_rate"] for r in ev], "ko--", label="eval/solve_rate (held-out)")
+    ax.set_xlabel("iteration")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    p = out / "learning_curves.png"
+    fig.tight_layout()
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    return p

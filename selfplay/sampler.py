@@ -1,0 +1,82 @@
+"""KV-cache sampler for the torch backend: one prefill, then one forward per new token.
+
+Left-padded prompts, explicit position ids (so padded rows see the same positions as unpadded
+ones) and a `DynamicCache`; finished rows keep decoding pad tokens until every row is done or the
+token cap is hit, then the batch stops. Rows may use different adapters: peft's `adapter_names`
+(one name per row, `"__base__"` = adapters off) selects the LoRA weights per row inside one forward.
+
+Returns, per row, the completion token ids (EOS included when reached) and the behaviour log-probs of the
+sampled tokens under the tempered distribution. `max_new_tokens` may be one cap per row (a fused
+batch mixes student and tutor turns). Greedy (`temperature=0`) is token-exact with
+`model.generate(do_sample=False)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class Completion:
+    ids: list[int]  # completion tokens, ending with EOS when finished (the model is trained to stop)
+    logprobs: list[float]  # behaviour log-prob of each token in `ids`
+    finished: bool  # ended with EOS (False = cut at the token cap)
+
+
+@torch.no_grad()
+def sample(model, prompts: list[list[int]], *, max_new_tokens: int | list[int], eos_id: int, pad_id: int,
+           temperature: float = 1.0, top_k: int = 0, adapter_names: list[str] | None = None,
+           generator: torch.Generator | None = None) -> list[Completion]:
+    device = next(model.parameters()).device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, P), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+        mask[i, P - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+    kw = {"adapter_names": adapter_names} if adapter_names is not None else {}
+    cache = DynamicCache(config=getattr(model, "config", None))
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                   use_cache=True, **kw).logits[:, -1]  # (B, V)
+    caps = torch.tensor(max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * B,
+                        device=device)  # (B,) per-row token caps
+    max_new_tokens = int(caps.max())
+    out_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out_lp = torch.zeros((B, max_new_tokens), device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    next_pos = pos[:, -1:] + 1  # (B, 1)
+    n = 0
+    for n in range(1, max_new_tokens + 1):
+        logits = logits.float()
+        if temperature > 0:
+            logits = logits / temperature
+            if top_k:
+                kth = logits.topk(top_k, dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            logp = logits.log_softmax(-1)
+            tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)  # (B,)
+        else:
+            logp = logits.log_softmax(-1)
+            tok = logits.argmax(-1)
+        lp = logp.gather(-1, tok[:, None]).squeeze(-1)
+        tok = tok.masked_fill(done, pad_id)
+        out_ids[:, n - 1] = tok
+        out_lp[:, n - 1] = lp.masked_fill(done, 0.0)
+        done |= (tok == eos_id) | (caps <= n)
+        if bool(done.all()) or n == max_new_tokens:
+            break
+        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], 1)
+        logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
+                       past_key_values=cache, use_cache=True, **kw).logits[:, -1]
+        next_pos = next_pos + 1
+    out_ids, out_lp = out_ids[:, :n].tolist(), out_lp[:, :n].tolist()
+    result = []
+    for row, lps in zip(out_ids, out_lp):
+        k = row.index(eos_id) + 1 if eos_id in row else len(row)
+        result.append(Completion(row[:k], lps[:k], row[k - 1] == eos_id))
+    return result

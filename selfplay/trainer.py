@@ -1,0 +1,99 @@
+"""Trainer: one AdamW per adapter, one clipped-ratio GRPO update per role per iteration.
+
+Input rows come with their advantages already computed (per role x turn-kind group, see grpo.py).
+A non-finite loss or gradient norm skips that role's update (counted in `trainer/skipped`), so a
+bad batch never corrupts an adapter.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from selfplay import grpo
+from selfplay.config import RunConfig
+from selfplay.policy import Policy, make_batch
+
+
+@dataclass
+class Row:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    advantage: float
+
+
+class Trainer:
+    def __init__(self, policy: Policy, cfg: RunConfig):
+        self.policy, self.cfg = policy, cfg
+        t = cfg.trainer
+        self.opt = {"student": torch.optim.AdamW(policy.adapter_params("student"), lr=t.lr, betas=t.betas,
+                                                 weight_decay=t.weight_decay)}
+        self.opt["tutor"] = self.opt["student"] if cfg.lora.shared else torch.optim.AdamW(
+            policy.adapter_params("tutor"), lr=t.tutor_lr, betas=t.betas, weight_decay=t.weight_decay)
+        self.versions = {"student": 0, "tutor": 0}
+        self.skipped = 0
+
+    def step(self, role: str, rows: list[Row], max_tokens: int) -> dict[str, float]:
+        """One update of `role`'s adapter on `rows` (micro-batched, gradients accumulated)."""
+        t, pol = self.cfg.trainer, self.policy
+        if not rows:
+            return {}
+        t0 = time.perf_counter()
+        pol.model.train()
+        pol.use(role)
+        params = pol.adapter_params(role)
+        opt = self.opt[role]
+        n_rows, n_tokens = len(rows), sum(len(r.completion_ids) for r in rows)
+        mb = t.micro_batch
+        batches = [rows[i: i + mb] for i in range(0, len(rows), mb)]
+        built = [make_batch([r.prompt_ids for r in b], [r.completion_ids for r in b], pol.pad_id) for b in batches]
+        old = [None] * len(built)
+        stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0}
+        for epoch in range(t.epochs):
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for k, (b, rs) in enumerate(zip(built, batches)):
+                adv = torch.tensor([r.advantage for r in rs], device=pol.cfg.model.device)
+                lp = pol.logprobs(b, role)  # (b, C)
+                if old[k] is None:
+                    old[k] = lp.detach()
+                ref = pol.ref_logprobs(b) if t.kl_coef > 0 else None
+                if ref is not None:
+                    pol.use(role)
+                mask = b.completion_mask.to(lp.device)
+                per_tok, st = grpo.per_token_loss(lp, old[k], adv, t.clip_low, t.clip_high, ref, t.kl_coef)
+                loss = grpo.aggregate(per_tok, mask, t.aggregation, n_rows, n_tokens, max_tokens)
+                loss.backward()
+                total += loss.item()
+                if epoch == t.epochs - 1:
+                    stats["clip_frac"] += float((st["clip_frac"] * mask).sum()) / max(n_tokens, 1)
+                    if "kl" in st:
+                        stats["kl"] += float((st["kl"] * mask).sum()) / max(n_tokens, 1)
+            gnorm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            if not (math.isfinite(total) and math.isfinite(float(gnorm))):
+                opt.zero_grad(set_to_none=True)
+                self.skipped += 1
+                pol.model.eval()
+                return {f"{role}/skipped_update": 1.0, "trainer/skipped": float(self.skipped)}
+            opt.step()
+            stats["loss"] = total
+            stats["grad_norm"] = float(gnorm)
+        pol.model.eval()
+        self.versions[role] += 1
+        dt = time.perf_counter() - t0
+        out = {f"{role}/{k}": v for k, v in stats.items()}
+        out[f"trainer/{role}_rows_per_s"] = n_rows / dt
+        out[f"trainer/{role}_seconds"] = dt
+        return out
+
+    def state(self) -> dict:
+        return {"opt": {r: o.state_dict() for r, o in self.opt.items()}, "versions": dict(self.versions),
+                "skipped": self.skipped}
+
+    def load(self, state: dict) -> None:
+        for r, o in self.opt.items():
+            o.load_state_dict(state["opt"][r])
+        self.versions, self.skipped = state["versions"], state["skipped"]

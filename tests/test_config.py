@@ -1,0 +1,40 @@
+import pytest
+
+from selfplay.config import ConfigError, build_config, load_config, DEFAULT_CONFIG
+
+
+def test_default_config_loads_and_overrides_parse_as_yaml():
+    cfg = load_config(DEFAULT_CONFIG, ["trainer.lr=3e-4", "graph.hint=false", "lora.target_modules=[q_proj]"])
+    assert cfg.trainer.lr == 3e-4 and cfg.graph.hint is False and cfg.lora.target_modules == ["q_proj"]
+
+
+@pytest.mark.parametrize("override,key", [
+    ("trainer.lrr=1", "trainer.lrr"), ("trainer.lr=abc", "trainer.lr"), ("graph.group_size=1", "graph.group_size"),
+    ("nope.x=1", "nope"), ("trainer.aggregation=mean", "trainer.aggregation"),
+])
+def test_bad_keys_and_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        build_config({}, [override])
+    msg = str(e.value)
+    assert key in msg and "\n" not in msg
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_every_field_is_documented():
+    from selfplay.config import RunConfig, Section
+
+    def walk(model):
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, Section):
+                walk(ann)
+            else:
+                assert f.description, f"{model.__name__}.{name} has no description"
+    walk(RunConfig)

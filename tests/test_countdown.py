@@ -1,0 +1,133 @@
+import json
+import random
+from fractions import Fraction
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from selfplay.domains.countdown import (Difficulty, MUTATIONS, Task, generate_tasks, mutate, parse_task, read_tasks,
+                                        solvable, solve, verify, write_tasks)
+
+N, T = [25, 3, 7], 21
+
+
+@pytest.mark.parametrize("answer,reason", [
+    ("25+3=28,28-7=21", "solved"),
+    ("25-7=18, 18+3=21", "solved"),
+    ("(25+3)-7", "solved"),
+    ("25 - 7 + 3", "solved"),
+    ("25+3=28,28+7=35", "wrong_value"),       # valid arithmetic, 35 != 21
+    ("(25-3)*7", "wrong_value"),              # 154
+    ("25+3=28", "bad_numbers"),               # 7 unused
+    ("25+3=28,28-3=25,25-7=18", "bad_numbers"),  # 3 used twice
+    ("(25+3)-8", "bad_numbers"),              # 8 is not a task number
+    ("25+3-7+7", "bad_numbers"),              # 7 twice
+    ("25+3=27,27-7=20", "bad_arithmetic"),    # 25+3 is 28
+    ("25/0=0", "bad_arithmetic"),
+    ("", "unparseable"),
+    ("hello", "unparseable"),
+    ("25+3=28,,oops", "unparseable"),
+    ("-25+3+7", "unparseable"),               # unary minus is not in the whitelist
+])
+def test_verdict_reasons(answer, reason):
+    assert verify(answer, N, T).reason == reason
+
+
+def test_exact_rational_arithmetic():
+    # 8 / 3 * 3 = 8 exactly (floats would give 7.999...); (1 + 1/3) * 3 = 4
+    assert verify("8/3*3", [8, 3, 3], 8).solved
+    assert verify("(1+1/3)*3", [1, 1, 3, 3], 4).solved
+    assert verify("7/2", [7, 2], 3).reason == "wrong_value"  # 3.5 is not 3
+    assert verify("1/(3-3)", [1, 3, 3], 1).reason == "bad_arithmetic"
+
+
+@pytest.mark.parametrize("evil", [
+    "__import__('os').system('echo pwned')", "2**99999", "9999999999*9999999999*9999999999*9999999999",
+    "(" * 5000 + "1" + ")" * 5000, "((((((((((((((((((((((((((((((((((((1))))))))))))))))))))))))))))))))))",
+    "١+٢", "1/0", "1.5*2", "-1", "--1", "1e5", "0x10", "lambda: 1", "[1]*9", "1 if 1 else 2", "x" * 100000,
+    "25+3=28" * 1000, "25\x00+3", "99999999999999999999=1",
+])
+def test_adversarial_strings_are_rejected(evil):
+    v = verify(evil, [1, 2, 3], 6)
+    assert not v.solved and v.reason in ("unparseable", "bad_numbers", "bad_arithmetic", "wrong_value")
+
+
+@settings(max_examples=400, deadline=200)
+@given(st.lists(st.sampled_from(list("0123456789+-*/()=, ") + ["**", "١", ".", "25", "-"]), max_size=40).map("".join),
+       st.lists(st.integers(1, 30), min_size=1, max_size=5), st.integers(-50, 200))
+def test_random_strings_never_raise_and_solved_means_correct(s, nums, target):
+    v = verify(s, nums, target)
+    assert v.reason in ("solved", "wrong_value", "bad_numbers", "bad_arithmetic", "unparseable")
+    if v.solved:  # independently re-check: an expression must use exactly the numbers and equal the target
+        if "=" not in s:
+            import ast
+            leaves = sorted(n.value for n in ast.walk(ast.parse(s.strip(), mode="eval")) if isinstance(n, ast.Constant))
+            assert leaves == sorted(nums)
+        assert v.value == Fraction(target)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 25), min_size=2, max_size=4), st.integers(1, 100))
+def test_solver_solutions_verify(nums, target):
+    s = solve(nums, target)
+    if s.expr is not None:
+        assert s.count >= 1
+        assert verify(s.expr, nums, target).solved
+        if s.steps:
+            assert verify(s.steps, nums, target).solved
+
+
+def test_solver_counts_by_hand():
+    # {1, 2} -> 3: only 1+2 (commutative, counted once); 2 - 1 = 1: one tree; 2*1 = 2 and 2/1 = 2: two trees
+    assert solve([1, 2], 3).count == 1
+    assert solve([1, 2], 1).count == 1
+    assert solve([1, 2], 2).count == 2
+    assert solve([2, 3], 7).count == 0 and not solvable([2, 3], 7)
+
+
+def test_generated_tasks_are_solvable_and_deterministic():
+    a, b = generate_tasks(300, 1), generate_tasks(300, 1)
+    assert [t.to_json() for t in a] == [t.to_json() for t in b]
+    assert all(solvable(t.numbers, t.target) for t in a)
+    d = Difficulty(min_count=5, max_count=5, max_value=50, max_target=500, cap=1000)
+    hard = generate_tasks(20, 2, d)
+    assert all(len(t.numbers) == 5 and 1 <= t.target <= 500 for t in hard)
+
+
+def test_mutations_are_certified():
+    rng = random.Random(0)
+    kids = 0
+    for t in generate_tasks(100, 3):
+        for op in MUTATIONS:
+            c = op(t, rng)
+            if c is not None:
+                kids += 1
+                assert solvable(c.numbers, c.target) and c.parent == t.id and c.source.startswith("mutate:")
+        c = mutate(t, rng)
+        assert c is None or (c.key != t.key and solvable(c.numbers, c.target))
+    assert kids > 100  # most operators usually find a certified child
+
+
+def test_jsonl_round_trip_keeps_unknown_keys(tmp_path):
+    p = tmp_path / "t.jsonl"
+    p.write_text('{"numbers": [1, 2, 3], "target": 6, "difficulty": "easy"}\n\n{"numbers": [4, 5], "target": 9}\n')
+    ts = read_tasks(p)
+    assert ts[0].extra == {"difficulty": "easy"} and ts[1].numbers == [4, 5]
+    write_tasks(tmp_path / "u.jsonl", ts)
+    assert json.loads((tmp_path / "u.jsonl").read_text().splitlines()[0]) == {"numbers": [1, 2, 3], "target": 6, "difficulty": "easy"}
+
+
+def test_bad_task_file_names_the_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"numbers": [1, 2], "target": 3}\n{"numbers": "x", "target": 3}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        read_tasks(p)
+
+
+def test_parse_task_tiny_format():
+    assert parse_task("3 7 25>21").numbers == [3, 7, 25]
+    assert parse_task("3 7 25>21").target == 21
+    for bad in ("3 7 25", ">21", "3 7 25>-1", "0 7>7", "3  7>1", "a b>c", ""):
+        assert parse_task(bad) is None
+    assert Task([3, 7, 25], 21).key == Task([25, 7, 3], 21).key

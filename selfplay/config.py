@@ -54,6 +54,7 @@ class BootstrapCfg(Section):
     max_count: int = Field(5, description="Synthetic tasks use 2..max_count numbers.")
     max_value: int = Field(25, description="Synthetic numbers are drawn from 1..max_value: the range the default model covers.")
     aim_fraction: float = Field(0.0, ge=0, le=1, description="Share of synthetic attempts whose target equals the chain's value; 0 = a prior that never aims (semantically random).")
+    paren_fraction: float = Field(0.25, ge=0, le=1, description="Share of synthetic answers that are random parenthesised trees (the rest are flat `a op b op c`).")
     hint_fraction: float = Field(0.3, ge=0, le=1, description="Share of synthetic attempts that carry a hint, which the chain then starts with.")
 
 
@@ -125,6 +126,7 @@ class CurriculumCfg(Section):
     min_value: int = Field(1, description="Fresh tasks: smallest number.")
     max_value: int = Field(25, description="Fresh tasks: largest number.")
     max_target: int = Field(100, description="Fresh tasks: largest target.")
+    ops: str = Field("+-*/", description="Operators of the expression that defines a fresh task's target (the answer may use all four).")
 
 
 class EvalCfg(Section):
@@ -136,6 +138,7 @@ class EvalCfg(Section):
     max_count: int = Field(4, description="Held-out tasks: most numbers.")
     max_value: int = Field(25, description="Held-out tasks: largest number.")
     max_target: int = Field(100, description="Held-out tasks: largest target.")
+    ops: str = Field("+-*/", description="Operators of the expression that defines a held-out task's target.")
     judge_attempts: int = Field(64, description="Attempts whose verdicts measure judge accuracy (0 = skip).")
 
 

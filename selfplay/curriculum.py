@@ -33,8 +33,10 @@ class Curriculum:
         self.cfg = cfg.curriculum
         self.tutor_mutates = cfg.graph.mutate
         c = self.cfg
-        self.difficulty = Difficulty(c.min_count, c.max_count, c.min_value, c.max_value, 1, c.max_target)
-        self.mutation_difficulty = Difficulty(c.min_count, c.max_count + 1, c.min_value, c.max_value, 1, c.max_target)
+        cap = max(100, c.max_target)
+        self.difficulty = Difficulty(c.min_count, c.max_count, c.min_value, c.max_value, 1, c.max_target, c.ops, cap)
+        self.mutation_difficulty = Difficulty(c.min_count, c.max_count + 1, c.min_value, c.max_value, 1, c.max_target,
+                                              c.ops, cap)
         self.heldout = heldout
         self.rng = random.Random(cfg.seed)
         self.pool: dict[str, dict] = {}  # task id -> {"task": json, "attempts", "solved", "last"}

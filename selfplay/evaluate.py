@@ -20,7 +20,7 @@ from selfplay.prompts import Prompts
 
 
 def heldout_tasks(cfg: EvalCfg) -> list[Task]:
-    d = Difficulty(cfg.min_count, cfg.max_count, 1, cfg.max_value, 1, cfg.max_target, cap=max(100, cfg.max_target))
+    d = Difficulty(cfg.min_count, cfg.max_count, 1, cfg.max_value, 1, cfg.max_target, cfg.ops, max(100, cfg.max_target))
     return generate_tasks(cfg.n_tasks, cfg.seed, d, prefix="heldout")
 
 

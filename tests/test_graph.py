@@ -1,0 +1,86 @@
+"""The episode graph with the real tiny model: routing, budgets, rewards and fused batches."""
+
+import asyncio
+
+import pytest
+
+from selfplay.domains.countdown import Task, generate_tasks
+from selfplay.generator import Generator, TorchBackend
+from selfplay.graph import build_graph, episode_input, run_episodes
+from selfplay.prompts import Prompts
+from tests.conftest import tiny_config
+
+
+def _run(policy, cfg, tasks, mutate_every=0):
+    gen = Generator(policy, TorchBackend(policy, 1.0, 0, seed=0), max_batch=4096)
+    graph = build_graph(cfg, gen, Prompts(cfg.prompts), {"student": 0, "tutor": 0})
+    inputs = [episode_input(f"1.{k}", 1, t, f"m{k // 2}" if mutate_every and k % mutate_every == 0 else None)
+              for k, t in enumerate(tasks)]
+    return gen, asyncio.run(run_episodes(graph, inputs, concurrency=64))
+
+
+def test_routing_solved_hint_and_judge(policy):
+    cfg = tiny_config(**{"graph.hint_rounds": 2, "graph.judge_votes": 2, "graph.group_size": 4})
+    tasks = generate_tasks(24, 11) + [Task([1, 1], 2, id="easy"), Task([2, 3], 5, id="easy2")]
+    _, states = _run(policy, cfg, tasks)
+    seen = set()
+    for s in states:
+        kinds = [t["kind"] for t in s["turns"]]
+        unhinted = [t for t in s["turns"] if t["group_id"].endswith(":a")]
+        assert len(unhinted) == 4 and all(t["reward"] is not None for t in s["turns"])
+        if any(t["verdict"] == "solved" for t in unhinted):
+            seen.add("solved")
+            assert "hint" not in kinds and s["hint_round"] == 0
+        else:
+            seen.add("hinted")
+            rounds = s["hint_round"]
+            assert 1 <= rounds <= 2  # the router stops at the budget
+            assert kinds.count("hint") == 2 * rounds  # hints_per_round = 2
+            assert kinds.count("attempt") == 4 + 2 * 4 * rounds  # G + H * hint_attempts per round
+            if rounds == 2:
+                seen.add("budget")
+                round1 = [t for t in s["turns"] if ":h1." in t["group_id"]]
+                assert not any(t["verdict"] == "solved" for t in round1)  # a second round only after a failed first
+            for h in (t for t in s["turns"] if t["kind"] == "hint"):
+                assert 0.0 <= h["reward"] <= 1.0
+        judges = [t for t in s["turns"] if t["kind"] == "judge"]
+        assert len(judges) == 2
+        for t in judges:  # 1 only when a parsed verdict agrees with the verifier
+            agree = t["parsed"] is not None and (t["parsed"] == "True") == (t["verdict"] == "correct")
+            assert t["reward"] == float(agree)
+        seen.add("judge")
+    assert {"solved", "hinted", "budget", "judge"} <= seen
+
+
+def test_mutation_rewards_and_fallback(policy):
+    cfg = tiny_config(**{"graph.hint": False, "graph.judge": False})
+    tasks = generate_tasks(8, 12)
+    _, states = _run(policy, cfg, tasks, mutate_every=1)
+    for s in states:
+        [m] = [t for t in s["turns"] if t["kind"] == "mutate"]
+        if m["verdict"] == "valid":
+            assert s["current"].parent == s["task"].id and s["current"].key != s["task"].key
+            assert m["reward"] == -0.5 or 0 < m["reward"] < 1
+        else:
+            assert s["current"] is s["task"] or s["current"].key == s["task"].key  # the student plays the parent
+            assert m["reward"] == -1.0
+
+
+def test_concurrent_episodes_fuse_into_large_batches(policy):
+    cfg = tiny_config(**{"graph.hint": False, "graph.judge": False, "graph.group_size": 4})
+    gen, states = _run(policy, cfg, generate_tasks(64, 13))
+    assert len(states) == 64
+    assert gen.batch_sizes[0] == 64 * 4  # all 64 episodes' attempts in ONE forward, not 64 batches
+    assert len(gen.batch_sizes) == 1
+
+
+def test_bad_template_is_a_one_line_startup_error(tmp_path):
+    from selfplay.config import ConfigError
+
+    (tmp_path / "attempt.j2").write_text("S:{{ numbrs }}")
+    for name in ("hint_step.j2", "mutate_edit.j2", "judge.j2"):
+        (tmp_path / name).write_text("x")
+    with pytest.raises(ConfigError, match="prompts.attempt"):
+        Prompts(tiny_config(**{"prompts.dir": str(tmp_path)}).prompts)
+    with pytest.raises(ConfigError, match="template not found"):
+        Prompts(tiny_config(**{"prompts.hint": "nope.j2"}).prompts)

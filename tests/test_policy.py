@@ -1,0 +1,106 @@
+"""Policy, sampler and adapters on the real bootstrapped tiny model (1 thread)."""
+
+import torch
+
+from selfplay.policy import make_batch
+from selfplay.sampler import sample
+from selfplay.tokenizer import build_tokenizer
+from transformers import AutoTokenizer
+
+
+def _prompts(policy):
+    return [policy.encode(p) for p in ("S:3 7 25>21|", "S:12 4 9 2>40|", "S:5 5>25|H:5*5|", "J:1 2>3|1+2|")]
+
+
+def _perturb(policy, role, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.adapter_params(role):
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def test_saved_tokenizer_round_trip(base_path):
+    mem, disk = build_tokenizer(), AutoTokenizer.from_pretrained(base_path)
+    for s in ("S:3 7 25>21|", "(25-7)+3", "M:1 2 3>6|P:4|", "J:1 2>3|1+2|Y"):
+        assert disk(s, add_special_tokens=False)["input_ids"] == mem(s, add_special_tokens=False)["input_ids"]
+        assert disk.decode(disk(s, add_special_tokens=False)["input_ids"]) == s
+
+
+def test_greedy_sampler_matches_generate(policy):
+    _perturb(policy, "student")  # a non-trivial adapter, so the LoRA path is exercised
+    policy.use("student")
+    model = policy.model.eval()
+    prompts = _prompts(policy)
+    ours = sample(model, prompts, max_new_tokens=20, eos_id=policy.eos_id, pad_id=policy.pad_id, temperature=0)
+    for p, o in zip(prompts, ours):
+        ref = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                             max_new_tokens=20, do_sample=False, pad_token_id=policy.pad_id, eos_token_id=policy.eos_id)
+        assert o.ids == ref[0, len(p):].tolist()[: len(o.ids)]
+        assert len(o.ids) == 20 or o.ids[-1] == policy.eos_id
+
+
+def test_mixed_adapter_batch_equals_separate_batches(policy):
+    _perturb(policy, "student", 1)
+    _perturb(policy, "tutor", 2)
+    prompts = _prompts(policy)
+    kw = dict(max_new_tokens=12, eos_id=policy.eos_id, pad_id=policy.pad_id, temperature=0)
+    mixed = sample(policy.model, prompts * 2, adapter_names=["student"] * 4 + ["tutor"] * 4, **kw)
+    s = sample(policy.model, prompts, adapter_names=["student"] * 4, **kw)
+    t = sample(policy.model, prompts, adapter_names=["tutor"] * 4, **kw)
+    assert [m.ids for m in mixed] == [x.ids for x in s + t]
+    assert [m.ids for m in mixed[:4]] != [m.ids for m in mixed[4:]]  # the adapters really differ
+
+
+def test_student_update_leaves_tutor_bit_identical(policy):
+    from selfplay.trainer import Row, Trainer
+
+    tutor_before = [p.detach().clone() for p in policy.adapter_params("tutor")]
+    student_before = [p.detach().clone() for p in policy.adapter_params("student")]
+    tr = Trainer(policy, policy.cfg)
+    p = policy.encode("S:3 7 25>21|")
+    rows = [Row(p, policy.encode("(25-7)+3") + [policy.eos_id], 1.0), Row(p, policy.encode("25+7+3") + [policy.eos_id], -1.0)]
+    tr.step("student", rows, 40)
+    assert all(torch.equal(a, b) for a, b in zip(tutor_before, policy.adapter_params("tutor")))
+    assert not all(torch.equal(a, b) for a, b in zip(student_before, policy.adapter_params("student")))
+
+
+def test_save_load_round_trip_reproduces_logprobs(policy, base_path, tmp_path):
+    from selfplay.policy import Policy
+
+    _perturb(policy, "student", 3)
+    _perturb(policy, "tutor", 4)
+    b = make_batch(_prompts(policy), [policy.encode("(25-7)+3"), policy.encode("1+2"), policy.encode("5*5"),
+                                      policy.encode("Y")], policy.pad_id)
+    with torch.no_grad():
+        want = {r: policy.logprobs(b, r) for r in ("student", "tutor")}
+    policy.save_adapters(tmp_path / "adapters")
+    assert (tmp_path / "adapters" / "tutor" / "adapter_model.safetensors").is_file()
+    fresh = Policy(policy.cfg, base_path)
+    fresh.load_adapters(tmp_path / "adapters")
+    with torch.no_grad():
+        for r in ("student", "tutor"):
+            assert torch.allclose(fresh.logprobs(b, r), want[r], atol=1e-6)
+
+
+def test_ref_logprobs_are_the_base(policy, base_path):
+    from transformers import AutoModelForCausalLM
+
+    _perturb(policy, "student", 5)
+    b = make_batch(_prompts(policy)[:2], [policy.encode("(25-7)+3"), policy.encode("(12*4)-9-2")], policy.pad_id)
+    base = AutoModelForCausalLM.from_pretrained(base_path).eval()
+    pos = (b.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = base(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=pos).logits[:, -b.C - 1:-1]
+        want = logits.log_softmax(-1).gather(-1, b.input_ids[:, -b.C:, None]).squeeze(-1)
+        assert torch.allclose(policy.ref_logprobs(b) * b.completion_mask, want * b.completion_mask, atol=1e-5)
+        assert not torch.allclose(policy.logprobs(b, "student") * b.completion_mask, want * b.completion_mask, atol=1e-3)
+
+
+def test_padding_does_not_change_logprobs(policy):
+    # the same row scored alone and next to a longer row (more left/right padding) must agree
+    p1, c1 = policy.encode("S:3 7 25>21|"), policy.encode("(25-7)+3")
+    p2, c2 = policy.encode("S:12 4 9 2>40|H:12*4|"), policy.encode("((12*4)-9)-2")
+    with torch.no_grad():
+        alone = policy.logprobs(make_batch([p1], [c1], policy.pad_id), "student")[0, : len(c1)]
+        mixed = policy.logprobs(make_batch([p1, p2], [c1, c2], policy.pad_id), "student")[0, : len(c1)]
+    assert torch.allclose(alone, mixed, atol=1e-5)

@@ -204,10 +204,12 @@ def base_stats(path: Path, run_cfg, n_tasks: int = 200, samples: int = 4) -> dic
     stats = json.loads((path / "bootstrap.json").read_text())
     if "prior" in stats:
         return stats
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from selfplay.tokenizer import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = load_tokenizer(path)
     tmpl = corpus_templates()["attempt"][0]
     prior = {}
     for k in (3, 4):

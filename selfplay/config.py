@@ -110,6 +110,7 @@ class TrainerCfg(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping per adapter.")
     train_tutor: bool = Field(True, description="Update the tutor adapter (False freezes it: tutor = base + frozen adapter).")
     train_on_hinted: bool = Field(True, description="Student groups on hinted prompts are trained too (the prompt keeps the hint).")
+    epochs: int = Field(1, ge=1, description="Gradient steps per batch; >1 makes the ratio clip active (PPO-style reuse).")
     micro_batch: int = Field(256, ge=1, description="Rows per forward/backward (gradients are accumulated).")
 
 

@@ -117,8 +117,8 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
             for j, i in enumerate(hint_ids):  # hint j of round r was attempted as group h{r}.{j}
                 x = turns[i]
                 grp = f"{s['episode_id']}:h{r}.{j}"
-                    rate = sum(a["verdict"] == "solved" for a in turns if a["group_id"] == grp) / g.hint_attempts
-                    turns[i] = {**x, "reward": TURNS["hint"].reward(x["parsed"] or "", t, rate, rw.hint_leak)}
+                rate = sum(a["verdict"] == "solved" for a in turns if a["group_id"] == grp) / g.hint_attempts
+                turns[i] = {**x, "reward": TURNS["hint"].reward(x["parsed"] or "", t, rate, rw.hint_leak)}
         return out
 
     async def hint(s: EpisodeState) -> dict:

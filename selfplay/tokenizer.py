@@ -27,3 +27,20 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
                                    unk_token="<unk>", padding_side="left", clean_up_tokenization_spaces=False)
+
+
+def load_tokenizer(path):
+    """The tokenizer of a model directory.
+
+    transformers 5's AutoTokenizer resolves any `model_type: qwen2` directory to Qwen2Tokenizer,
+    which replaces the saved pre-tokenizer (byte-level, one digit per token) and silently
+    mis-tokenises the embedded base. The embedded base (marked by bootstrap.json) is therefore
+    loaded as the plain fast tokenizer it was saved as; every other model goes through AutoTokenizer.
+    """
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    if (Path(path) / "bootstrap.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)

@@ -4,8 +4,7 @@ import torch
 
 from selfplay.policy import make_batch
 from selfplay.sampler import sample
-from selfplay.tokenizer import build_tokenizer
-from transformers import AutoTokenizer
+from selfplay.tokenizer import build_tokenizer, load_tokenizer
 
 
 def _prompts(policy):
@@ -20,7 +19,7 @@ def _perturb(policy, role, seed=0):
 
 
 def test_saved_tokenizer_round_trip(base_path):
-    mem, disk = build_tokenizer(), AutoTokenizer.from_pretrained(base_path)
+    mem, disk = build_tokenizer(), load_tokenizer(base_path)
     for s in ("S:3 7 25>21|", "(25-7)+3", "M:1 2 3>6|P:4|", "J:1 2>3|1+2|Y"):
         assert disk(s, add_special_tokens=False)["input_ids"] == mem(s, add_special_tokens=False)["input_ids"]
         assert disk.decode(disk(s, add_special_tokens=False)["input_ids"]) == s

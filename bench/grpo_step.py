@@ -1,0 +1,98 @@
+"""Plain-GRPO iteration speed (tutor off): 16 prompts x 8 samples by default, the TRL comparison
+setting (TRL 1.16 GRPOTrainer measured 0.88 s per 16x8 step on this machine, 2 threads, 0.86M
+model). Prints seconds per iteration, samples/s and the split between rollout and update, plus a
+stage table with the full tutor on. `--trl` also times TRL's GRPOTrainer on the same model and
+batch when `trl` is installed (a bench-only extra).
+
+    python bench/grpo_step.py [--threads 2] [--iters 20] [--trl]
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from common import args, peak_rss_mb, setup, table
+
+
+def time_iterations(sets: list[str], threads: int, iters: int):
+    from selfplay.config import load_config
+    from selfplay.loop import SelfPlay
+
+    cfg = load_config(None, [f"model.threads={threads}", "curriculum.episodes_per_iter=16", *sets])
+    with tempfile.TemporaryDirectory() as d:
+        sp = SelfPlay(cfg, Path(d))
+        sp.iteration(1)  # warm-up
+        ms = [sp.iteration(i) for i in range(2, iters + 2)]
+        sp.store.close()
+    return cfg, ms
+
+
+def avg(ms, k):
+    return sum(m.get(k, 0.0) for m in ms) / len(ms)
+
+
+def trl_step(threads: int, iters: int) -> float | None:
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        return None
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from selfplay.config import load_config
+    from selfplay.domains.countdown import generate_tasks, verify
+    from selfplay.policy import ensure_base
+
+    cfg = load_config(None, [])
+    path = ensure_base(cfg)
+    tok = AutoTokenizer.from_pretrained(path)
+    tasks = generate_tasks(16 * (iters + 2), 5)
+    ds = Dataset.from_list([{"prompt": f"S:{' '.join(map(str, t.numbers))}>{t.target}|", "numbers": t.numbers,
+                             "target": t.target} for t in tasks])
+
+    def reward(completions, numbers, target, **_):
+        return [float(verify(c, n, t).solved) for c, n, t in zip(completions, numbers, target)]
+
+    args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=128, num_generations=8,
+                      max_completion_length=cfg.generation.max_new_tokens, max_steps=iters + 1, logging_steps=1000,
+                      learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", beta=0.0)
+    tr = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(path), reward_funcs=reward, args=args, train_dataset=ds,
+                     processing_class=tok, peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    t0 = time.perf_counter()
+    tr.train()
+    return (time.perf_counter() - t0) / (iters + 1)
+
+
+def main():
+    a = args(lambda p: (p.add_argument("--iters", type=int, default=20), p.add_argument("--trl", action="store_true")))
+    setup(a.threads)  # builds the base if needed
+    plain = ["graph.hint=false", "graph.mutate=false", "graph.judge=false", "trainer.train_tutor=false"]
+    _, ms = time_iterations(plain, a.threads, a.iters)
+    s = avg(ms, "time/iteration_s")
+    rows = [["selfplay plain GRPO", f"{s:.3f}", f"{128 / s:.0f}", f"{avg(ms, 'time/rollout_s'):.3f}",
+             f"{avg(ms, 'time/train_s'):.3f}", f"{avg(ms, 'rollout/tokens_per_s'):,.0f}"]]
+    trl_s = trl_step(a.threads, min(a.iters, 5)) if a.trl else None
+    ref = trl_s or 0.88
+    rows.append([f"TRL GRPOTrainer ({'measured now' if trl_s else 'measured 2026-11, DESIGN.md'})", f"{ref:.3f}",
+                 f"{128 / ref:.0f}", "", "", ""])
+    table(f"plain GRPO, 16 prompts x 8 samples, {a.threads} threads; speed-up vs TRL: {ref / s:.2f}x",
+          ["trainer", "s/iteration", "samples/s", "rollout s", "update s", "rollout tokens/s"], rows)
+
+    _, full = time_iterations([], a.threads, max(5, a.iters // 2))
+    tot = avg(full, "time/iteration_s")
+    stages = [["rollout (graph: attempts, hints, mutations, judging, verify)", avg(full, "time/rollout_s")],
+              ["update student", avg(full, "trainer/student_seconds")],
+              ["update tutor", avg(full, "trainer/tutor_seconds")]]
+    stages.append(["memory write, curriculum, logging", tot - sum(x[1] for x in stages)])
+    table(f"full tutor iteration ({tot:.3f} s), share of time per stage; peak RSS {peak_rss_mb():.0f} MB",
+          ["stage", "seconds", "share"], [[n, f"{v:.3f}", f"{v / tot:.0%}"] for n, v in stages])
+    table("trainer rows/s per role (full tutor)", ["role", "rows/s"],
+          [[r, f"{avg(full, f'trainer/{r}_rows_per_s'):.0f}"] for r in ("student", "tutor")])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Ablation grid: variants x seeds, each cell a full run at the same budget of student samples.
+
+An ablation YAML is a base config plus
+    variants: {name: {dotted.key: value, ...}, ...}
+    seeds: [0, 1, 2]
+    hard: {dotted eval overrides}   # optional: a hard held-out split evaluated after each cell
+Every cell stops at `max_student_samples` (hinted attempts count: the tutor's help is paid for in
+student samples). Results are reported at that equal student budget and, by interpolating each
+cell's eval curve, at the largest total-FLOPs budget every cell reached (tutor compute included).
+Cells with a summary.json are reused; a cell dir without one is resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+from selfplay.config import ConfigError, build_config
+from selfplay.evaluate import _mean_se
+
+
+def _cell_summary(d: Path) -> dict | None:
+    p = d / "summary.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _curve(d: Path) -> list[tuple[float, float, float]]:
+    """(student samples, total FLOPs, eval solve rate) at every evaluation of a cell."""
+    out, last = [], {}
+    for line in (d / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "samples/student" in r:
+            last = r
+        if "eval/solve_rate" in r:
+            out.append((last.get("samples/student", 0), last.get("flops/total", 0.0), r["eval/solve_rate"]))
+    return out
+
+
+def _interp(curve, x_index: int, x: float) -> float:
+    pts = sorted((c[x_index], c[2]) for c in curve)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return pts[-1][1] if pts and x >= pts[-1][0] else (pts[0][1] if pts else float("nan"))
+
+
+def run_grid(path: Path, out: Path, sets: list[str], console=None) -> str:
+    from selfplay.loop import run
+
+    if not Path(path).is_file():
+        raise ConfigError(f"ablation file not found: {path}")
+    spec = yaml.safe_load(Path(path).read_text()) or {}
+    variants, seeds, hard = spec.pop("variants", None), spec.pop("seeds", [0]), spec.pop("hard", None)
+    if not variants:
+        raise ConfigError(f"{path}: no 'variants'")
+    cfgs = {}
+    for name, ov in variants.items():  # validate every cell before spending compute
+        for seed in seeds:
+            cfgs[name, seed] = build_config(spec, list(sets) + [f"{k}={json.dumps(v)}" for k, v in (ov or {}).items()]
+                                            + [f"seed={seed}"])
+    out.mkdir(parents=True, exist_ok=True)
+    for (name, seed), cfg in cfgs.items():
+        d = out / name / f"seed{seed}"
+        if _cell_summary(d) is None:
+            if console:
+                console.print(f"[bold]cell[/bold] {name} seed {seed}")
+            run(cfg, d, resume=(d / "config.yaml").is_file(), console=console)
+        if hard and not (d / "eval_hard.json").is_file():
+            _eval_hard(cfg, d, hard)
+    table = results_table(out, list(variants), seeds, hard is not None)
+    (out / "results.md").write_text(table)
+    plot_grid(out, list(variants), seeds)
+    return table
+
+
+def _eval_hard(cfg, d: Path, hard: dict) -> None:
+    import torch
+
+    from selfplay.evaluate import evaluate, heldout_tasks
+    from selfplay.loop import make_backend
+    from selfplay.policy import load_policy_from_run
+    from selfplay.prompts import Prompts
+
+    hcfg = build_config(cfg.model_dump(mode="json"), [f"eval.{k}={json.dumps(v)}" for k, v in hard.items()])
+    torch.set_num_threads(cfg.model.threads)
+    pol = load_policy_from_run(d, hcfg)
+    res = evaluate(pol, make_backend(hcfg, pol), Prompts(hcfg.prompts), heldout_tasks(hcfg.eval), hcfg,
+                   judge_attempts=0)
+    res.pop("per_task")
+    (d / "eval_hard.json").write_text(json.dumps(res))
+
+
+def _fmt(xs: list[float], digits: int = 3) -> str:
+    xs = [x for x in xs if x == x]
+    if not xs:
+        return "–"
+    m, se = _mean_se(xs)
+    return f"{m:.{digits}f} ± {se:.{digits}f}"
+
+
+def results_table(out: Path, variants: list[str], seeds: list[int], hard: bool) -> str:
+    cells = {(v, s): out / v / f"seed{s}" for v in variants for s in seeds}
+    sums = {k: _cell_summary(d) for k, d in cells.items()}
+    curves = {k: _curve(d) for k, d in cells.items()}
+    f_star = min(s["flops"]["flops/total"] for s in sums.values())  # every cell reached this much compute
+    head = ["variant", "sampled solve (after)", "greedy solve (after)", f"solve @ {f_star:.2e} FLOPs",
+            "student samples", "tutor samples", "student PFLOPs", "tutor PFLOPs", "judge acc", "hint success",
+            "mutation validity"]
+    if hard:
+        head.append("hard split solve")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base_before = [sums[v0, s]["before"]["solve_rate"] for v0 in variants[:1] for s in seeds]
+    for v in variants:
+        S = [sums[v, s] for s in seeds]
+        metrics = [_metric_means(cells[v, s]) for s in seeds]
+        row = [v, _fmt([x["after"]["solve_rate"] for x in S]), _fmt([x["after"]["greedy_solve_rate"] for x in S]),
+               _fmt([_interp(curves[v, s], 1, f_star) for s in seeds]),
+               f"{sum(x['totals']['samples/student'] for x in S) / len(S):.0f}",
+               f"{sum(x['totals']['samples/tutor'] for x in S) / len(S):.0f}",
+               f"{sum(x['flops']['flops/student'] for x in S) / len(S) / 1e15:.2f}",
+               f"{sum(x['flops']['flops/tutor'] for x in S) / len(S) / 1e15:.2f}",
+               _fmt([x["after"].get("judge_accuracy", float("nan")) for x in S]),
+               _fmt([m.get("student/hinted_solve_rate", float("nan")) for m in metrics]),
+               _fmt([m.get("tutor/mutate_valid_rate", float("nan")) for m in metrics])]
+        if hard:
+            row.append(_fmt([json.loads((cells[v, s] / "eval_hard.json").read_text())["solve_rate"] for s in seeds]))
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    lines.append(f"Before training (base = student at step 0): sampled solve {_fmt(base_before)}. "
+                 f"Mean ± standard error over {len(seeds)} seeds; each cell evaluated on the same held-out tasks.")
+    return "\n".join(lines) + "\n"
+
+
+def _metric_means(d: Path) -> dict:
+    sums, counts = {}, {}
+    for line in (d / "metrics.jsonl").read_text().splitlines():
+        for k, v in json.loads(line).items():
+            if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
+                sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1
+    return {k: sums[k] / counts[k] for k in sums}
+
+
+def plot_grid(out: Path, variants: list[str], seeds: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for v in variants:
+        curves = [_curve(out / v / f"seed{s}") for s in seeds]
+        for ax, xi, label in ((axes[0], 0, "student samples"), (axes[1], 1, "total FLOPs (student + tutor)")):
+            n = min(len(c) for c in curves)
+            xs = [sum(c[i][xi] for c in curves) / len(curves) for i in range(n)]
+            ys = [[c[i][2] for c in curves] for i in range(n)]
+            m = [_mean_se(y)[0] for y in ys]
+            se = [_mean_se(y)[1] for y in ys]
+            line, = ax.plot(xs, m, marker="o", ms=3, label=v)
+            ax.fill_between(xs, [a - b for a, b in zip(m, se)], [a + b for a, b in zip(m, se)],
+                            color=line.get_color(), alpha=0.15)
+            ax.set_xlabel(label)
+    axes[0].set_ylabel("held-out solve rate (no hints)")
+    axes[0].legend(fontsize=8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "solve_rate.png", dpi=100)
+    plt.close(fig)

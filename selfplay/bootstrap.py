@@ -44,8 +44,12 @@ from selfplay.tokenizer import build_tokenizer
 
 
 
+FORMAT_VERSION = 3  # bump when the tokenizer or corpus changes, so stale cached bases are not reused
+
+
 def base_dir(cfg: BootstrapCfg, cache_dir: str) -> Path:
-    digest = hashlib.sha1(json.dumps(cfg.model_dump(), sort_keys=True).encode()).hexdigest()[:10]
+    key = json.dumps({"v": FORMAT_VERSION, **cfg.model_dump()}, sort_keys=True)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
     return Path(cache_dir).expanduser() / f"tiny-{digest}"
 
 

@@ -248,6 +248,12 @@ def mem_export(run: Optional[Path] = typer.Option(None, "--run", help="Run dir (
 
 
 def main() -> None:
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load
+    warnings.filterwarnings("ignore", category=FutureWarning)
     app()
 
 

@@ -71,8 +71,8 @@ class LoraCfg(Section):
 class GenerationCfg(Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature for rollouts (behaviour log-probs are of the tempered distribution).")
     top_k: int = Field(0, ge=0, description="Top-k filter; 0 = off.")
-    max_new_tokens: int = Field(40, description="Student completion cap.")
-    tutor_max_new_tokens: int = Field(24, description="Tutor completion cap (hints, mutations, verdicts).")
+    max_new_tokens: int = Field(24, description="Student completion cap (the tiny model's 4-number answers are ~8 tokens).")
+    tutor_max_new_tokens: int = Field(16, description="Tutor completion cap (hints, mutations, verdicts).")
     max_batch: int = Field(1024, description="Largest fused generation batch (rows).")
 
 
@@ -160,7 +160,7 @@ class LoggingCfg(Section):
 
 class RunConfig(Section):
     seed: int = Field(0, description="Seed of curriculum, sampling and adapter init.")
-    iterations: int = Field(400, ge=1, description="Iterations to run (one iteration = episodes -> rewards -> updates).")
+    iterations: int = Field(200, ge=1, description="Iterations to run (one iteration = episodes -> rewards -> updates).")
     max_student_samples: int | None = Field(None, description="Stop once this many student samples were drawn (equal-budget ablations).")
     model: ModelCfg = ModelCfg()
     bootstrap: BootstrapCfg = BootstrapCfg()

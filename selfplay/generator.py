@@ -32,20 +32,56 @@ class Sample:
 
 
 class TorchBackend:
+    """The KV-cache sampler over one merged copy of the base per adapter.
+
+    peft's LoRA forward (and its per-row `adapter_names` path) costs more than the matmuls of a
+    tiny model, so generation runs on plain copies of the base with W + scale * B @ A written in.
+    The copies are rebuilt from the untouched base weights after every update (`sync_adapters`),
+    so no merge/unmerge drift accumulates. A fused batch with rows of several adapters is split
+    by adapter, one sampler call each, and reassembled in order. Training and log-probs still go
+    through the peft model; merged and unmerged log-probs agree to float rounding.
+    """
+
     def __init__(self, policy, temperature: float, top_k: int, seed: int):
         self.policy = policy
         self.temperature, self.top_k = temperature, top_k
         self.rng = torch.Generator(device=policy.cfg.model.device).manual_seed(seed)
+        self.models: dict[str, torch.nn.Module] = {}
+        self.sync_adapters(0)
+
+    def sync_adapters(self, version: int) -> None:
+        """Write each adapter's merged weights into its generation copy of the base."""
+        from peft.tuners.lora import LoraLayer
+        from transformers import AutoModelForCausalLM
+
+        pol = self.policy
+        names = sorted(set(pol.adapters.values())) + ["__base__"]
+        for name in names:
+            if name not in self.models:
+                m = AutoModelForCausalLM.from_pretrained(pol.path, dtype=pol.dtype).to(pol.cfg.model.device)
+                self.models[name] = m.eval().requires_grad_(False)
+        with torch.no_grad():
+            for mod_name, mod in pol.model.named_modules():
+                if not isinstance(mod, LoraLayer):
+                    continue
+                key = mod_name.removeprefix("base_model.model.") + ".weight"
+                base_w = mod.get_base_layer().weight
+                for name in names:
+                    w = self.models[name].get_parameter(key)
+                    w.copy_(base_w if name == "__base__" else base_w + mod.get_delta_weight(name))
 
     def complete(self, prompts, adapters, caps, temperature=None) -> list[Completion]:
         pol = self.policy
-        pol.model.eval()
-        return sample(pol.model, prompts, max_new_tokens=caps, eos_id=pol.eos_id, pad_id=pol.pad_id,
-                      temperature=self.temperature if temperature is None else temperature,
-                      top_k=self.top_k, adapter_names=adapters, generator=self.rng)
-
-    def sync_adapters(self, version: int) -> None:
-        """The torch backend samples from the live peft model: nothing to sync."""
+        out: list[Completion | None] = [None] * len(prompts)
+        for name in dict.fromkeys(adapters):  # first-seen order keeps the RNG stream deterministic
+            idx = [i for i, a in enumerate(adapters) if a == name]
+            res = sample(self.models[name], [prompts[i] for i in idx], max_new_tokens=[caps[i] for i in idx],
+                         eos_id=pol.eos_id, pad_id=pol.pad_id,
+                         temperature=self.temperature if temperature is None else temperature,
+                         top_k=self.top_k, generator=self.rng)
+            for i, c in zip(idx, res):
+                out[i] = c
+        return out
 
     def rng_state(self):
         return self.rng.get_state()
@@ -63,7 +99,7 @@ class _Request:
 
 
 class Generator:
-    def __init__(self, policy, backend, max_batch: int, settle: int = 3):
+    def __init__(self, policy, backend, max_batch: int, settle: int = 25):
         self.policy, self.backend = policy, backend
         self.max_batch, self.settle = max_batch, settle
         self.queue: list[_Request] = []

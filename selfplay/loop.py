@@ -183,6 +183,7 @@ class SelfPlay:
             return 0
         st = torch.load(d / "state.pt", weights_only=False)
         self.policy.load_adapters(d / "adapters")
+        self.backend.sync_adapters(st["iteration"])
         self.trainer.load(st["trainer"])
         self.curriculum.load(st["curriculum"])
         torch.set_rng_state(st["torch_rng"])

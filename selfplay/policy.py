@@ -77,7 +77,8 @@ class Policy:
         self.tokenizer = load_tokenizer(path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        base = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.model.dtype])
+        self.dtype = DTYPES[cfg.model.dtype]
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
         base.to(cfg.model.device)
         lc = cfg.lora
         self.lora_config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
@@ -87,6 +88,7 @@ class Policy:
         if not lc.shared:
             self.model.add_adapter(lc.tutor, self.lora_config)
         self.adapters = {"student": lc.student, "tutor": lc.student if lc.shared else lc.tutor}
+        self._params: dict[str, list] = {}
         self.model.eval()
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id
@@ -107,7 +109,9 @@ class Policy:
 
     def adapter_params(self, role: str) -> list[torch.nn.Parameter]:
         name = self.adapters[role]
-        return [p for n, p in self.model.named_parameters() if f".{name}." in n and "lora_" in n]
+        if name not in self._params:
+            self._params[name] = [p for n, p in self.model.named_parameters() if f".{name}." in n and "lora_" in n]
+        return self._params[name]
 
     def use(self, role: str) -> None:
         """Make `role`'s adapter active (and the only trainable one)."""

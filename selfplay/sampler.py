@@ -59,7 +59,10 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int | list[int], 
                 kth = logits.topk(top_k, dim=-1).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             logp = logits.log_softmax(-1)
-            tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)  # (B,)
+            # inverse-CDF sampling: one uniform per row (torch.multinomial was the sampler's top cost)
+            u = torch.rand((B, 1), generator=generator, device=device)
+            cdf = logp.exp().cumsum(-1)  # (B, V)
+            tok = (cdf < u * cdf[:, -1:]).sum(-1).clamp(max=logits.shape[-1] - 1)  # (B,)
         else:
             logp = logits.log_softmax(-1)
             tok = logits.argmax(-1)

@@ -1,5 +1,6 @@
-"""Shared fixtures. Tests run torch with 1 thread; the tiny base is pretrained once per machine for
-a short budget (cached under .cache/ in the repo, keyed by its config) so model tests are real."""
+"""Shared fixtures. Tests run torch with 1 thread; the tiny base is pretrained once per machine
+(4 minutes on 1 thread, cached under ~/.cache/selfplay/test-models, keyed by its config), so every
+model test runs the real bootstrapped model."""
 
 from __future__ import annotations
 
@@ -11,18 +12,27 @@ import torch
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
-TEST_CACHE = Path(os.environ.get("SELFPLAY_TEST_CACHE", ROOT / ".cache" / "test-models"))
+# the test base is cached per machine (keyed by its config), so only a new machine pays the bootstrap
+TEST_CACHE = Path(os.environ.get("SELFPLAY_TEST_CACHE", Path.home() / ".cache" / "selfplay" / "test-models"))
+
+
+BASE = {"model": {"threads": 1, "cache_dir": str(TEST_CACHE)},
+        "bootstrap": {"seconds": 240, "batch_size": 64},  # 1 thread: about the default's 150 s on 2
+        "eval": {"n_tasks": 24, "samples": 2, "judge_attempts": 8},
+        "curriculum": {"episodes_per_iter": 8},
+        "logging": {"progress": False, "tensorboard": True, "checkpoint_every": 2}}
 
 
 def tiny_config(**sets):
     from selfplay.config import build_config
 
-    base = {"model": {"threads": 1, "cache_dir": str(TEST_CACHE)},
-            "bootstrap": {"seconds": 75, "batch_size": 64},
-            "eval": {"n_tasks": 24, "samples": 2, "judge_attempts": 8},
-            "curriculum": {"episodes_per_iter": 8},
-            "logging": {"progress": False, "tensorboard": True, "checkpoint_every": 2}}
-    return build_config(base, [f"{k}={v}" for k, v in sets.items()])
+    return build_config(BASE, [f"{k}={v}" for k, v in sets.items()])
+
+
+def cli_sets(**sets) -> list[str]:
+    """`--set k=v` arguments giving the CLI the same config as `tiny_config(**sets)`."""
+    flat = {f"{sec}.{k}": v for sec, d in BASE.items() for k, v in d.items()} | sets
+    return [a for k, v in flat.items() for a in ("--set", f"{k}={v}")]
 
 
 @pytest.fixture(scope="session")

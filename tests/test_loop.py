@@ -12,7 +12,7 @@ import pytest
 
 from memory.query import open_readonly, search, sql
 from selfplay.loop import RunError, run
-from tests.conftest import TEST_CACHE, tiny_config
+from tests.conftest import cli_sets, tiny_config
 
 # An easy task set: targets are sums, so "always add" solves every task. The prior picks "+" for each
 # operator a quarter of the time, so before training it rarely solves a 3-number task.
@@ -77,10 +77,9 @@ def _episodes(db_path):
 
 def test_kill_9_then_resume_loses_and_duplicates_nothing(base_path, tmp_path):
     out = tmp_path / "run"
-    sets = ["model.threads=1", f"model.cache_dir={TEST_CACHE}", "bootstrap.seconds=75", "bootstrap.batch_size=64",
-            "iterations=8", "logging.checkpoint_every=3", "eval.n_tasks=4", "eval.samples=1", "eval.judge_attempts=0",
-            "curriculum.episodes_per_iter=4"]
-    cmd = [sys.executable, "-m", "selfplay.cli", "run", "--out", str(out), "--quiet"] + [a for s in sets for a in ("--set", s)]
+    sets = cli_sets(**{"iterations": 8, "logging.checkpoint_every": 3, "eval.n_tasks": 4, "eval.samples": 1,
+                       "eval.judge_attempts": 0, "curriculum.episodes_per_iter": 4})
+    cmd = [sys.executable, "-m", "selfplay.cli", "run", "--out", str(out), "--quiet", *sets]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300

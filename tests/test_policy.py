@@ -103,3 +103,19 @@ def test_padding_does_not_change_logprobs(policy):
         alone = policy.logprobs(make_batch([p1], [c1], policy.pad_id), "student")[0, : len(c1)]
         mixed = policy.logprobs(make_batch([p1, p2], [c1, c2], policy.pad_id), "student")[0, : len(c1)]
     assert torch.allclose(alone, mixed, atol=1e-5)
+
+
+def test_merged_generation_backend_matches_peft(policy):
+    from selfplay.generator import TorchBackend
+
+    _perturb(policy, "student", 6)
+    _perturb(policy, "tutor", 7)
+    prompts = _prompts(policy) * 2
+    adapters = ["student"] * 4 + ["tutor"] * 4
+    backend = TorchBackend(policy, 1.0, 0, seed=0)  # merges the current adapters into generation copies
+    ours = backend.complete(prompts, adapters, [12] * 8, temperature=0)
+    ref = sample(policy.model, prompts, max_new_tokens=12, eos_id=policy.eos_id, pad_id=policy.pad_id,
+                 temperature=0, adapter_names=adapters)
+    assert [o.ids for o in ours] == [r.ids for r in ref]
+    for o, r in zip(ours, ref):
+        assert o.logprobs == __import__("pytest").approx(r.logprobs, abs=1e-4)

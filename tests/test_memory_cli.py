@@ -1,0 +1,60 @@
+"""The `selfplay` CLI over a finished run: one-line errors, read-only SQL, search, show, export."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import cli_sets
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "selfplay.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, base_path):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    sets = cli_sets(**{"iterations": 2, "eval.n_tasks": 6, "eval.samples": 1, "eval.judge_attempts": 2,
+                       "curriculum.episodes_per_iter": 4})
+    r = cli("run", "--out", out, "--quiet", *sets)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_write_through_sql_is_refused_and_store_unchanged(run_dir):
+    before = cli("memory", "sql", "--run", run_dir, "select count(*) from episodes").stdout.strip()
+    r = cli("memory", "sql", "--run", run_dir, "DELETE FROM episodes")
+    assert r.returncode == 2 and "read-only" in r.stderr and "Traceback" not in r.stderr
+    assert cli("memory", "sql", "--run", run_dir, "select count(*) from episodes").stdout.strip() == before == "8"
+
+
+def test_stats_show_search_export(run_dir, tmp_path):
+    r = cli("memory", "stats", "--run", run_dir)
+    assert r.returncode == 0 and "episodes 8" in r.stdout
+    r = cli("memory", "show", "--run", run_dir, "1.0")
+    assert r.returncode == 0 and "student:attempt" in r.stdout
+    assert cli("memory", "show", "--run", run_dir, "nope").returncode == 2
+    r = cli("memory", "search", "--run", run_dir, "S")  # every attempt prompt starts with S:
+    assert r.returncode == 0 and "student:attempt" in r.stdout
+    out = tmp_path / "turns.jsonl"
+    assert cli("memory", "export", "--run", run_dir, "--format", "jsonl", "--out", out).returncode == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and {"role", "kind", "reward", "advantage"} <= set(rows[0])
+
+
+def test_eval_json_and_user_errors(run_dir, tmp_path):
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text('{"numbers": [3, 7, 25], "target": 21}\n{"numbers": [2, 3], "target": 5}\n')
+    r = cli("eval", "--run", run_dir, "--tasks", tasks, "--samples", "2", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    assert res["n_tasks"] == 2 and 0 <= res["solve_rate"] <= 1 and "greedy_solve_rate" in res
+    for args, msg in ((("run", "--set", "trainer.lrr=1"), "trainer.lrr"),
+                      (("run", "--config", tmp_path / "missing.yaml"), "not found"),
+                      (("eval", "--run", run_dir, "--tasks", tmp_path / "none.jsonl"), "none.jsonl"),
+                      (("run", "--out", run_dir), "--resume")):
+        r = cli(*args)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)

@@ -70,6 +70,9 @@ class TorchBackend:
                     w = self.models[name].get_parameter(key)
                     w.copy_(base_w if name == "__base__" else base_w + mod.get_delta_weight(name))
 
+    def sleep(self) -> None:
+        """Nothing to free while the trainer runs (vLLM frees its KV cache here)."""
+
     def complete(self, prompts, adapters, caps, temperature=None) -> list[Completion]:
         pol = self.policy
         out: list[Completion | None] = [None] * len(prompts)

@@ -111,6 +111,7 @@ class SelfPlay:
                 rows[t["role"]].append(Row(t["prompt_ids"], t["completion_ids"], a))
         # 4. update student, then tutor (separate adapters, separate optimizers)
         t1 = time.perf_counter()
+        self.backend.sleep()
         m = self.trainer.step("student", rows["student"], cfg.generation.max_new_tokens)
         if cfg.trainer.train_tutor:
             m.update(self.trainer.step("tutor", rows["tutor"], cfg.generation.tutor_max_new_tokens))

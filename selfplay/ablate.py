@@ -107,7 +107,7 @@ def results_table(out: Path, variants: list[str], seeds: list[int], hard: bool) 
     curves = {k: _curve(d) for k, d in cells.items()}
     f_star = min(s["flops"]["flops/total"] for s in sums.values())  # every cell reached this much compute
     head = ["variant", "sampled solve (after)", "greedy solve (after)", f"solve @ {f_star:.2e} FLOPs",
-            "student samples", "tutor samples", "student PFLOPs", "tutor PFLOPs", "judge acc", "hint success",
+            "student samples", "tutor samples", "student TFLOPs", "tutor TFLOPs", "judge balanced acc", "hinted solve rate",
             "mutation validity"]
     if hard:
         head.append("hard split solve")
@@ -120,9 +120,9 @@ def results_table(out: Path, variants: list[str], seeds: list[int], hard: bool) 
                _fmt([_interp(curves[v, s], 1, f_star) for s in seeds]),
                f"{sum(x['totals']['samples/student'] for x in S) / len(S):.0f}",
                f"{sum(x['totals']['samples/tutor'] for x in S) / len(S):.0f}",
-               f"{sum(x['flops']['flops/student'] for x in S) / len(S) / 1e15:.2f}",
-               f"{sum(x['flops']['flops/tutor'] for x in S) / len(S) / 1e15:.2f}",
-               _fmt([x["after"].get("judge_accuracy", float("nan")) for x in S]),
+               f"{sum(x['flops']['flops/student'] for x in S) / len(S) / 1e12:.2f}",
+               f"{sum(x['flops']['flops/tutor'] for x in S) / len(S) / 1e12:.2f}",
+               _fmt([x["after"].get("judge_balanced_accuracy", float("nan")) for x in S]),
                _fmt([m.get("student/hinted_solve_rate", float("nan")) for m in metrics]),
                _fmt([m.get("tutor/mutate_valid_rate", float("nan")) for m in metrics])]
         if hard:

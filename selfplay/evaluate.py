@@ -72,12 +72,16 @@ def evaluate(policy, backend, prompts: Prompts, tasks: list[Task], cfg: RunConfi
            "reasons": {r: n / total for r, n in reasons.items()}, "per_task": sampled}
     n_judge = cfg.eval.judge_attempts if judge_attempts is None else judge_attempts
     if n_judge and not base:
-        out["judge_accuracy"] = judge_accuracy(policy, backend, prompts, tasks[:n_judge], cfg)
+        out["judge_accuracy"], out["judge_balanced_accuracy"] = judge_accuracy(policy, backend, prompts,
+                                                                               tasks[:n_judge], cfg)
     return out
 
 
-def judge_accuracy(policy, backend, prompts: Prompts, tasks: list[Task], cfg: RunConfig) -> float:
-    """Greedy tutor verdicts on one sampled student attempt per task, scored against the verifier."""
+def judge_accuracy(policy, backend, prompts: Prompts, tasks: list[Task], cfg: RunConfig) -> tuple[float, float]:
+    """Greedy tutor verdicts on one sampled student attempt per task, scored against the verifier.
+
+    Returns (accuracy, balanced accuracy): most attempts are wrong, so "always N" scores a high
+    plain accuracy; the balanced one (mean of the per-class recalls) exposes it (0.5)."""
     cap, mb = cfg.generation.max_new_tokens, cfg.generation.max_batch
     ids = [policy.encode(prompts.render("attempt", numbers=t.numbers, target=t.target, hint=None)) for t in tasks]
     answers = [TURNS["attempt"].parse(policy.decode(o.ids))
@@ -88,7 +92,10 @@ def judge_accuracy(policy, backend, prompts: Prompts, tasks: list[Task], cfg: Ru
     outs = _complete(backend, policy, jids, policy.adapters["tutor"], cfg.generation.tutor_max_new_tokens, mb,
                      temperature=0.0)
     preds = [TURNS["judge"].parse(policy.decode(o.ids)) for o in outs]
-    return sum(p == tr for p, tr in zip(preds, truth)) / max(len(tasks), 1)
+    acc = sum(p == tr for p, tr in zip(preds, truth)) / max(len(tasks), 1)
+    recalls = [sum(p == tr for p, tr in zip(preds, truth) if tr == c) / n
+               for c in (True, False) if (n := sum(tr == c for tr in truth))]
+    return acc, sum(recalls) / len(recalls)
 
 
 def compare(before: dict, after: dict) -> dict:

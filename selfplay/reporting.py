@@ -76,7 +76,9 @@ def summary_table(s: dict) -> Table:
     for r in ("wrong_value", "bad_arithmetic", "bad_numbers", "unparseable"):
         t.add_row(f"  {r}", f"{b['reasons'].get(r, 0):.3f}", f"{a['reasons'].get(r, 0):.3f}")
     if "judge_accuracy" in a:
-        t.add_row("judge accuracy", f"{b.get('judge_accuracy', float('nan')):.3f}", f"{a['judge_accuracy']:.3f}")
+        t.add_row("judge accuracy (balanced)", f"{b.get('judge_accuracy', float('nan')):.3f} "
+                  f"({b.get('judge_balanced_accuracy', float('nan')):.3f})",
+                  f"{a['judge_accuracy']:.3f} ({a.get('judge_balanced_accuracy', float('nan')):.3f})")
     imp = s["improvement"]
     t.add_row("paired Δ sampled", "", f"{imp['delta']:+.3f} ± {imp['delta_se']:.3f} (z = {imp['z']:.1f})")
     t.add_row("iterations / student samples", "", f"{s['iterations']} / {s['totals']['samples/student']}")
@@ -95,22 +97,30 @@ def plot_run(out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = [r for r in read_metrics(out) if "student/solve_rate" in r]
-    keys = [k for k in ("student/solve_rate", "student/hinted_solve_rate", "tutor/hint_reward",
-                        "tutor/mutate_reward", "tutor/judge_reward", "student/bad_arithmetic") if any(k in r for r in rows)]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for k in keys:
-        xs = [r["iteration"] for r in rows if k in r]
-        ys = [r[k] for r in rows if k in r]
-        w = max(1, len(ys) // 30)  # moving average: per-iteration values are noisy
-        sm = [sum(ys[max(0, i - w + 1): i + 1]) / len(ys[max(0, i - w + 1): i + 1]) for i in range(len(ys))]
-        ax.plot(xs, sm, label=k)
+    panels = {"student": ("student/solve_rate", "student/hinted_solve_rate", "student/bad_arithmetic"),
+              "tutor (rewards)": ("tutor/hint_reward", "tutor/mutate_reward", "tutor/judge_reward",
+                                  "tutor/mutate_valid_rate")}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (title, keys) in zip(axes, panels.items()):
+        for k in keys:
+            xs = [r["iteration"] for r in rows if k in r]
+            ys = [r[k] for r in rows if k in r]
+            if not ys:
+                continue
+            w = max(1, len(ys) // 30)  # moving average: per-iteration values are noisy
+            sm = [sum(ys[max(0, i - w + 1): i + 1]) / len(ys[max(0, i - w + 1): i + 1]) for i in range(len(ys))]
+            ax.plot(xs, sm, label=k)
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
     ev = [r for r in read_metrics(out) if "eval/solve_rate" in r]
     if ev:
-        ax.plot([r["iteration"] for r in ev], [r["eval/solve_rate"] for r in ev], "ko--", label="eval/solve_rate (held-out)")
-    ax.set_xlabel("iteration")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+        axes[0].plot([r["iteration"] for r in ev], [r["eval/solve_rate"] for r in ev], "ko--",
+                     label="eval/solve_rate (held-out, no hints)")
+    axes[0].set_ylim(0, 1)
+    axes[1].set_ylim(-1.05, 1.05)
+    for ax in axes:
+        ax.legend(fontsize=7)
     p = out / "learning_curves.png"
     fig.tight_layout()
     fig.savefig(p, dpi=100)

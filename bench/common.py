@@ -23,6 +23,7 @@ def args(extra=None):
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--set", action="append", default=[], help="config override, e.g. model.device=cuda")
     if extra:
         extra(p)
     return p.parse_args()

@@ -20,7 +20,7 @@ from selfplay.sampler import sample
 
 def main():
     a = args(lambda p: (p.add_argument("--episodes", type=int, default=16), p.add_argument("--group", type=int, default=8)))
-    cfg, pol = setup(a.threads, ["graph.hint=false", "graph.mutate=false", "graph.judge=false",
+    cfg, pol = setup(a.threads, [*a.set, "graph.hint=false", "graph.mutate=false", "graph.judge=false",
                                  f"graph.group_size={a.group}"])
     prompts = Prompts(cfg.prompts)
     tasks = generate_tasks(a.episodes, 99)
@@ -28,24 +28,26 @@ def main():
     rows = [p for p in ids for _ in range(a.group)]
     cap = cfg.generation.max_new_tokens
     model = pol.model.eval()
+    dev = cfg.model.device
     rows_out = []
 
     def hf():
         n = 0
         for p in ids:  # one generate call per prompt group, left padding not needed
-            g = model.generate(input_ids=torch.tensor([p] * a.group), attention_mask=torch.ones(a.group, len(p), dtype=torch.long),
+            g = model.generate(input_ids=torch.tensor([p] * a.group, device=dev),
+                               attention_mask=torch.ones(a.group, len(p), dtype=torch.long, device=dev),
                                do_sample=True, max_new_tokens=cap, pad_token_id=pol.pad_id, eos_token_id=pol.eos_id)
             n += int((g[:, len(p):] != pol.pad_id).sum())
         return n
 
     def hf_batched():
-        enc = pol.tokenizer.pad({"input_ids": rows}, return_tensors="pt")
+        enc = pol.tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(dev)
         g = model.generate(**enc, do_sample=True, max_new_tokens=cap, pad_token_id=pol.pad_id, eos_token_id=pol.eos_id)
         return int((g[:, enc["input_ids"].shape[1]:] != pol.pad_id).sum())
 
     def ours():
         outs = sample(model, rows, max_new_tokens=cap, eos_id=pol.eos_id, pad_id=pol.pad_id,
-                      adapter_names=["student"] * len(rows), generator=torch.Generator().manual_seed(0))
+                      adapter_names=["student"] * len(rows), generator=torch.Generator(dev).manual_seed(0))
         return sum(len(o.ids) for o in outs)
 
     def batcher():

@@ -16,11 +16,11 @@ from pathlib import Path
 from common import args, peak_rss_mb, setup, table
 
 
-def time_iterations(sets: list[str], threads: int, iters: int):
+def time_iterations(sets: list[str], threads: int, iters: int, extra: list[str] = ()):
     from selfplay.config import load_config
     from selfplay.loop import SelfPlay
 
-    cfg = load_config(None, [f"model.threads={threads}", "curriculum.episodes_per_iter=16", *sets])
+    cfg = load_config(None, [f"model.threads={threads}", "curriculum.episodes_per_iter=16", *extra, *sets])
     with tempfile.TemporaryDirectory() as d:
         sp = SelfPlay(cfg, Path(d))
         sp.iteration(1)  # warm-up
@@ -69,9 +69,9 @@ def trl_step(threads: int, iters: int) -> float | None:
 
 def main():
     a = args(lambda p: (p.add_argument("--iters", type=int, default=20), p.add_argument("--trl", action="store_true")))
-    setup(a.threads)  # builds the base if needed
+    setup(a.threads, a.set)  # builds the base if needed
     plain = ["graph.hint=false", "graph.mutate=false", "graph.judge=false", "trainer.train_tutor=false"]
-    _, ms = time_iterations(plain, a.threads, a.iters)
+    _, ms = time_iterations(plain, a.threads, a.iters, a.set)
     s = avg(ms, "time/iteration_s")
     rows = [["selfplay plain GRPO", f"{s:.3f}", f"{128 / s:.0f}", f"{avg(ms, 'time/rollout_s'):.3f}",
              f"{avg(ms, 'time/train_s'):.3f}", f"{avg(ms, 'rollout/tokens_per_s'):,.0f}"]]
@@ -82,7 +82,7 @@ def main():
     table(f"plain GRPO, 16 prompts x 8 samples, {a.threads} threads; speed-up vs TRL: {ref / s:.2f}x",
           ["trainer", "s/iteration", "samples/s", "rollout s", "update s", "rollout tokens/s"], rows)
 
-    _, full = time_iterations([], a.threads, max(5, a.iters // 2))
+    _, full = time_iterations([], a.threads, max(5, a.iters // 2), a.set)
     tot = avg(full, "time/iteration_s")
     stages = [["rollout (graph: attempts, hints, mutations, judging, verify)", avg(full, "time/rollout_s")],
               ["update student", avg(full, "trainer/student_seconds")],

@@ -55,6 +55,8 @@ def run(config: Optional[Path] = typer.Option(None, help="YAML config (default: 
 
     try:
         if resume:
+            if config or set:
+                raise ValueError("--resume continues with the run's own config.yaml; drop --config/--set")
             summary = run_loop(None, resume, resume=True, console=console)
         else:
             cfg = _config(config, set)
@@ -63,6 +65,8 @@ def run(config: Optional[Path] = typer.Option(None, help="YAML config (default: 
             summary = run_loop(cfg, out or RUNS / time.strftime("run-%Y%m%d-%H%M%S"), console=console)
     except USER_ERRORS as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except KeyboardInterrupt:
+        _fail("interrupted; memory holds every completed iteration: continue with `selfplay run --resume DIR`")
     print(json.dumps({"iterations": summary["iterations"], **summary["improvement"],
                       "before": summary["before"]["solve_rate"], "after": summary["after"]["solve_rate"]}))
 

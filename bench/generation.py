@@ -67,20 +67,18 @@ def main():
         rows_out.append(gen.batch_sizes)
         return sum(t["completion_tokens"] for s in states for t in s["turns"])
 
-    results = []
-    ref = None
+    timed = []
     for name, fn in (("HF generate (per prompt)", hf), ("HF generate (one batch)", hf_batched),
                      ("our sampler (one batch)", ours), ("micro-batcher (concurrent requests)", batcher),
                      ("full graph (episodes, verify)", graph)):
         t, n = best_of(fn, a.repeats)
-        tps = n / t
-        ref = tps if name.startswith("our") else ref
-        results.append([name, f"{n}", f"{t * 1000:.0f}", f"{tps:,.0f}"])
-    for r in results:
-        r.append(f"{float(r[3].replace(',', '')) / ref:.2f}")
+        timed.append((name, n, t))
+    ref = next(n / t for name, n, t in timed if name.startswith("our"))
+    results = [[name, f"{n}", f"{t * 1000:.0f}", f"{n / t:,.0f}", f"{n / t / ref:.2f}",
+                f"{a.episodes / t:.1f}" if name.startswith("full") else ""] for name, n, t in timed]
     table(f"generation, {a.episodes} prompts x {a.group} samples, {a.threads} threads, cap {cap} tokens "
           f"({pol.n_params / 1e6:.2f}M params); fused batch sizes seen: {rows_out[-1]}",
-          ["path", "tokens", "ms", "tokens/s", "vs our sampler"], results)
+          ["path", "tokens", "ms", "tokens/s", "vs our sampler", "episodes/s"], results)
 
 
 if __name__ == "__main__":

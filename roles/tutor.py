@@ -5,13 +5,17 @@
   solution. Group: the H hints written for one failed group.
 - mutate: sees a parent task, writes a child task. Reward = learnability 1 - p̂ of the child under
   the student when 0 < p̂ < 1 (Absolute Zero's proposer reward), `mutate_degenerate` when p̂ is 0
-  or 1, `mutate_invalid` when the child is malformed, a duplicate of its parent, or not solvable
-  according to the exhaustive solver. Group: the M children of one parent.
+  or 1, `mutate_invalid` when the child is malformed, a duplicate of its parent, more than a small
+  edit away from it (`graph.mutate_max_edit` numbers added + removed), outside the curriculum's
+  value/target ranges, or not solvable according to the exhaustive solver. Group: the M children
+  of one parent.
 - judge: sees the task and one attempt, writes Y or N. Reward = 1 if it agrees with the verifier.
   Group: the votes on one attempt.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 from roles import Turn
 from roles.student import extract_answer
@@ -28,8 +32,21 @@ def parse_child(text: str) -> Task | None:
     return parse_task(extract_answer(text).replace(" >", ">").replace("> ", ">"))
 
 
-def child_is_valid(child: Task | None, parent: Task) -> bool:
-    return child is not None and child.key != parent.key and solvable(child.numbers, child.target)
+def edit_size(child: Task, parent: Task) -> int:
+    """Numbers added plus numbers removed (multiset symmetric difference): replace = 2, add/remove = 1."""
+    c, p = Counter(child.numbers), Counter(parent.numbers)
+    return sum(((c - p) + (p - c)).values())
+
+
+def child_is_valid(child: Task | None, parent: Task, max_edit: int = 2, max_value: int = 50,
+                   max_target: int = 1000) -> bool:
+    """A mutation is a small certified edit of its parent.
+
+    The edit bound matters: without it the tutor learned to write degenerate puzzles such as
+    `1 1 1 1 1>1` (high learnability for a weak student, useless for the evaluation distribution)."""
+    return (child is not None and child.key != parent.key and edit_size(child, parent) <= max_edit
+            and max(child.numbers) <= max_value and child.target <= max_target
+            and solvable(child.numbers, child.target))
 
 
 def mutate_reward(valid: bool, p_hat: float, degenerate: float, invalid: float) -> float:

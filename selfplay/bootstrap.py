@@ -32,6 +32,7 @@ import json
 import math
 import random
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import jinja2
@@ -41,8 +42,6 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from selfplay.config import ROOT, BootstrapCfg
 from selfplay.domains.countdown import Difficulty, Task, generate_task, random_expr, verify
 from selfplay.tokenizer import build_tokenizer
-
-
 
 FORMAT_VERSION = 3  # bump when the tokenizer or corpus changes, so stale cached bases are not reused
 
@@ -78,8 +77,6 @@ def attempt_text(numbers: list[int], rng: random.Random, cfg: BootstrapCfg, hint
     """The prior's answer: flat most of the time, a random parenthesised tree `paren_fraction` of it."""
     if rng.random() < cfg.paren_fraction:
         if hint:
-            from fractions import Fraction
-
             return random_expr(rest + [(hint, Fraction(0))], rng)[0]  # the value is not needed for text
         return random_expr(numbers, rng)[0]
     return _flat(rest, rng, prefix=hint) if hint else _flat(numbers, rng)

@@ -83,6 +83,7 @@ class GraphCfg(Section):
     hint_attempts: int = Field(4, ge=1, description="Student attempts per hint; their success rate is the hint's reward.")
     hint_rounds: int = Field(1, ge=0, description="Budget of hint rounds per episode (the router stops after it).")
     mutate: bool = Field(True, description="Tutor mutates the parent task at the start of curriculum episodes marked for mutation.")
+    mutate_max_edit: int = Field(2, ge=0, description="Largest valid mutation: numbers added + removed vs the parent (replace = 2).")
     judge: bool = Field(True, description="Tutor judges student attempts (reward: agreement with the verifier).")
     judge_attempts: int = Field(1, ge=0, description="Attempts judged per episode.")
     judge_votes: int = Field(2, ge=1, description="Verdicts sampled per judged attempt (the judge GRPO group).")

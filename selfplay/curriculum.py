@@ -44,7 +44,7 @@ class Curriculum:
 
     # ---------------------------------------------------------------- sampling
 
-    def fresh(self, iteration: int) -> Task:
+    def fresh(self) -> Task:
         while True:
             t = generate_task(self.rng, self.difficulty)
             if t.key not in self.heldout:
@@ -83,7 +83,7 @@ class Curriculum:
         n_mut = round(n * (1 - c.fresh_fraction - c.replay_fraction)) if self.pool else 0
         n_mut -= n_mut % c.mutate_group
         n_fresh = n - n_replay - n_mut
-        out = [Assignment(self.fresh(iteration), None) for _ in range(n_fresh)]
+        out = [Assignment(self.fresh(), None) for _ in range(n_fresh)]
         out += [Assignment(t, None) for t in self._pick(n_replay, iteration)]
         for k, parent in enumerate(self._pick(n_mut // c.mutate_group, iteration)):
             group = f"mut{iteration}.{k}"
@@ -93,7 +93,7 @@ class Curriculum:
                 else:
                     child = mutate(parent, self.rng, self.mutation_difficulty)
                     if child is None or child.key in self.heldout:
-                        child = self.fresh(iteration)
+                        child = self.fresh()
                     else:
                         child.id = f"{parent.id}/p{iteration}.{k}.{j}"
                     out.append(Assignment(child, None))

@@ -75,7 +75,9 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
         solve_bucket = min(9, int(10 * parent.extra.get("solve_rate", 0.0)))
         text, [smp] = await ask("tutor", "mutate", 1, tutor_cap, **vars_of(parent), solve_bucket=solve_bucket)
         child = TURNS["mutate"].parse(smp.text)
-        valid = child_is_valid(child, parent) and child.key not in heldout
+        c = cfg.curriculum
+        valid = (child_is_valid(child, parent, g.mutate_max_edit, 2 * c.max_value, c.max_target)
+                 and child.key not in heldout)
         turn = _turn(s, "tutor", "mutate", s["mutate_group"], smp, text, pol.adapters["tutor"],
                      versions["tutor"], child.key if child else None)
         turn["verdict"] = "valid" if valid else "invalid"

@@ -2,7 +2,7 @@ import pytest
 
 from roles import TURNS
 from roles.student import attempt_reward, extract_answer
-from roles.tutor import child_is_valid, hint_reward, judge_reward, mutate_reward, parse_child, parse_verdict
+from roles.tutor import child_is_valid, edit_size, hint_reward, judge_reward, mutate_reward, parse_child, parse_verdict
 from selfplay.domains.countdown import Task, verify
 
 TASK = Task([25, 3, 7], 21, id="p")
@@ -34,6 +34,11 @@ def test_child_validity():
     assert not child_is_valid(parse_child("7 3 25>21"), TASK)  # same puzzle as the parent
     assert not child_is_valid(parse_child("1 1>99"), TASK)     # unsolvable
     assert not child_is_valid(parse_child("garbage"), TASK)    # malformed
+    # a rewrite rather than an edit: 3 numbers removed + 5 added = 8 > 2 (the tutor's reward hack)
+    assert edit_size(parse_child("1 1 1 1 1>1"), TASK) == 8
+    assert not child_is_valid(parse_child("1 1 1 1 1>1"), TASK)
+    assert edit_size(parse_child("3 7 11>21"), TASK) == 2 and edit_size(parse_child("3 7 25 1>22"), TASK) == 1
+    assert not child_is_valid(parse_child("3 7 11>21"), TASK, max_edit=1)
 
 
 def test_judge_parse_and_reward():

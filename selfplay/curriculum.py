@@ -55,10 +55,15 @@ class Curriculum:
     def _solve_rate(self, e: dict) -> float:
         return (e["solved"] + 1) / (e["attempts"] + 2)
 
-    def _pick(self, k: int, iteration: int) -> list[Task]:
-        if not self.pool or k <= 0:
+    def _pick(self, k: int, iteration: int, parents: bool = False) -> list[Task]:
+        """PLR sample of k pool tasks; `parents=True` keeps only tasks that are not mutations.
+
+        Mutating mutations let the curriculum drift: chains of tutor edits walked to degenerate
+        puzzles (`1 11 1 1>1`) and the student collapsed on the evaluation distribution in one of
+        three seeds. One edit away from a fresh task is as far as a child goes."""
+        ids = [i for i in self.pool if not parents or self.pool[i]["task"].get("parent") is None]
+        if not ids or k <= 0:
             return []
-        ids = list(self.pool)
         scores = [(lambda p: p * (1 - p))(self._solve_rate(self.pool[i])) for i in ids]
         order = sorted(range(len(ids)), key=lambda j: -scores[j])
         rank_w = [0.0] * len(ids)
@@ -85,7 +90,7 @@ class Curriculum:
         n_fresh = n - n_replay - n_mut
         out = [Assignment(self.fresh(), None) for _ in range(n_fresh)]
         out += [Assignment(t, None) for t in self._pick(n_replay, iteration)]
-        for k, parent in enumerate(self._pick(n_mut // c.mutate_group, iteration)):
+        for k, parent in enumerate(self._pick(n_mut // c.mutate_group, iteration, parents=True)):
             group = f"mut{iteration}.{k}"
             for j in range(c.mutate_group):
                 if self.tutor_mutates:

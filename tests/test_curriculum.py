@@ -51,3 +51,12 @@ def test_checkpoint_state_reproduces_the_next_iteration():
     b = _cur()
     b.load(state)
     assert [x.task.to_json() for x in a.next(2)] == [x.task.to_json() for x in b.next(2)]
+
+
+def test_mutations_are_never_mutated_again():
+    c = _cur()
+    fresh, child = Task([1, 2, 3], 6, id="f"), Task([1, 2, 4], 7, id="f/c", parent="f", source="tutor")
+    c.update(fresh, 100, 90, 1)  # low learning potential
+    c.update(child, 100, 50, 1)  # the most learnable, but a mutation
+    assert {t.id for t in c._pick(200, 2, parents=True)} == {"f"}
+    assert "f/c" in {t.id for t in c._pick(200, 2)}  # replay still plays it

@@ -45,13 +45,18 @@ def main():
         g = model.generate(**enc, do_sample=True, max_new_tokens=cap, pad_token_id=pol.pad_id, eos_token_id=pol.eos_id)
         return int((g[:, enc["input_ids"].shape[1]:] != pol.pad_id).sum())
 
-    def ours():
+    backend = TorchBackend(pol, 1.0, 0, 0)
+
+    def peft_sampler():
         outs = sample(model, rows, max_new_tokens=cap, eos_id=pol.eos_id, pad_id=pol.pad_id,
                       adapter_names=["student"] * len(rows), generator=torch.Generator(dev).manual_seed(0))
         return sum(len(o.ids) for o in outs)
 
+    def ours():
+        return sum(len(o.ids) for o in backend.complete(rows, ["student"] * len(rows), [cap] * len(rows)))
+
     def batcher():
-        gen = Generator(pol, TorchBackend(pol, 1.0, 0, 0), 4096)
+        gen = Generator(pol, backend, 4096)
 
         async def go():
             res = await asyncio.gather(*[gen.generate("student", p, a.group, cap) for p in ids])
@@ -61,24 +66,25 @@ def main():
         return n
 
     def graph():
-        gen = Generator(pol, TorchBackend(pol, 1.0, 0, 0), 4096)
+        gen = Generator(pol, backend, 4096)
         g = build_graph(cfg, gen, prompts, {"student": 0, "tutor": 0})
         states = asyncio.run(run_episodes(g, [episode_input(f"b.{k}", 0, t, None) for k, t in enumerate(tasks)], 64))
         rows_out.append(gen.batch_sizes)
         return sum(t["completion_tokens"] for s in states for t in s["turns"])
 
     timed = []
-    for name, fn in (("HF generate (per prompt)", hf), ("HF generate (one batch)", hf_batched),
-                     ("our sampler (one batch)", ours), ("micro-batcher (concurrent requests)", batcher),
+    for name, fn in (("HF generate, peft model (per prompt)", hf), ("HF generate, peft model (one batch)", hf_batched),
+                     ("our sampler on the peft model (one batch)", peft_sampler),
+                     ("our sampler, merged weights (one batch)", ours), ("micro-batcher (concurrent requests)", batcher),
                      ("full graph (episodes, verify)", graph)):
         t, n = best_of(fn, a.repeats)
         timed.append((name, n, t))
-    ref = next(n / t for name, n, t in timed if name.startswith("our"))
+    ref = next(n / t for name, n, t in timed if name.startswith("our sampler, merged"))
     results = [[name, f"{n}", f"{t * 1000:.0f}", f"{n / t:,.0f}", f"{n / t / ref:.2f}",
                 f"{a.episodes / t:.1f}" if name.startswith("full") else ""] for name, n, t in timed]
     table(f"generation, {a.episodes} prompts x {a.group} samples, {a.threads} threads, cap {cap} tokens "
           f"({pol.n_params / 1e6:.2f}M params); fused batch sizes seen: {rows_out[-1]}",
-          ["path", "tokens", "ms", "tokens/s", "vs our sampler", "episodes/s"], results)
+          ["path", "tokens", "ms", "tokens/s", "vs our sampler (merged)", "episodes/s"], results)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ class Policy:
         self.dtype = DTYPES[cfg.model.dtype]
         base = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
         base.to(cfg.model.device)
+        self.n_params = sum(p.numel() for p in base.parameters())  # N of the FLOP estimates: the base alone
         lc = cfg.lora
         self.lora_config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
                                       target_modules=list(lc.target_modules), task_type="CAUSAL_LM")
@@ -92,7 +93,6 @@ class Policy:
         self.model.eval()
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id
-        self.n_params = sum(p.numel() for p in base.parameters())
 
     # ---------------------------------------------------------------- text
 

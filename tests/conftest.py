@@ -1,5 +1,5 @@
 """Shared fixtures. Tests run torch with 1 thread; the tiny base is pretrained once per machine
-(4 minutes on 1 thread, cached under ~/.cache/selfplay/test-models, keyed by its config), so every
+(900 steps, about 4 minutes on 1 thread, cached under ~/.cache/selfplay/test-models, keyed by its config), so every
 model test runs the real bootstrapped model."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ TEST_CACHE = Path(os.environ.get("SELFPLAY_TEST_CACHE", Path.home() / ".cache" /
 
 
 BASE = {"model": {"threads": 1, "cache_dir": str(TEST_CACHE)},
-        "bootstrap": {"seconds": 240, "batch_size": 64},  # 1 thread: about the default's 150 s on 2
+        "bootstrap": {"steps": 900, "batch_size": 64},  # ~4 min on 1 thread; steps, so every machine gets the same base
         "eval": {"n_tasks": 24, "samples": 2, "judge_attempts": 8},
         "curriculum": {"episodes_per_iter": 8},
         "logging": {"progress": False, "tensorboard": True, "checkpoint_every": 2}}

@@ -2,9 +2,9 @@
 
 Episodes are coroutines; each awaits `Generator.generate(...)`. Requests are queued, and a flush is
 scheduled when the first one arrives. The flush yields to the event loop until no new request has
-arrived for a few turns (every runnable episode has reached its next model call), then runs ONE
-batched generation for all queued rows, mixed roles included (per-row adapter names, per-row token
-caps), and resolves each request's future. So 64 concurrent episodes give batches of ~64 x n rows,
+arrived for a few turns (every runnable episode has reached its next model call), then hands ALL
+queued rows to the backend in one call, mixed roles and per-row token caps included, and resolves
+each request's future. (The torch backend then runs one sampler batch per adapter.) So 64 concurrent episodes give batches of ~64 x n rows,
 not 64 batches. `batch_sizes` records the rows of every fused call (tests and benches read it).
 
 Backends implement `complete(prompts, adapters, caps) -> list[Completion]`: `TorchBackend` (the

@@ -120,7 +120,8 @@ def plot_run(out: Path) -> Path:
     axes[0].set_ylim(0, 1)
     axes[1].set_ylim(-1.05, 1.05)
     for ax in axes:
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     p = out / "learning_curves.png"
     fig.tight_layout()
     fig.savefig(p, dpi=100)

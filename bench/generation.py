@@ -53,9 +53,11 @@ def main():
         return sum(len(o.ids) for o in outs)
 
     def ours():
+        backend.rng.manual_seed(0)  # every merged-weight path draws the same samples: pure overhead
         return sum(len(o.ids) for o in backend.complete(rows, ["student"] * len(rows), [cap] * len(rows)))
 
     def batcher():
+        backend.rng.manual_seed(0)
         gen = Generator(pol, backend, 4096)
 
         async def go():
@@ -66,6 +68,7 @@ def main():
         return n
 
     def graph():
+        backend.rng.manual_seed(0)
         gen = Generator(pol, backend, 4096)
         g = build_graph(cfg, gen, prompts, {"student": 0, "tutor": 0})
         states = asyncio.run(run_episodes(g, [episode_input(f"b.{k}", 0, t, None) for k, t in enumerate(tasks)], 64))

@@ -108,8 +108,6 @@ class Generator:
         self.queue: list[_Request] = []
         self._flush: asyncio.Task | None = None
         self.batch_sizes: list[int] = []
-        self.tokens = {"student": 0, "tutor": 0}
-        self.prompt_tokens = {"student": 0, "tutor": 0}
         self.seconds = 0.0
 
     async def generate(self, role: str, prompt_ids: list[int], n: int, max_new_tokens: int) -> list[Sample]:
@@ -153,7 +151,5 @@ class Generator:
             for p in r.prompts:
                 c = outs[k]
                 k += 1
-                self.tokens[r.role] += len(c.ids)
-                self.prompt_tokens[r.role] += len(p)
                 samples.append(Sample(r.role, p, c.ids, c.logprobs, self.policy.decode(c.ids)))
             r.future.set_result(samples)

@@ -129,15 +129,17 @@ class SelfPlay:
         return m
 
     def _account(self, turns: list[dict], rows: dict) -> dict[str, float]:
-        N = self.policy.n_params
         for role in ("student", "tutor"):
             mine = [t for t in turns if t["role"] == role]
             self.totals[f"samples/{role}"] += len(mine)
             self.totals[f"tokens/{role}_gen"] += sum(t["prompt_tokens"] + t["completion_tokens"] for t in mine)
             self.totals[f"tokens/{role}_train"] += sum(len(r.prompt_ids) + len(r.completion_ids) for r in rows[role])
-        out = dict(self.totals)
-        for role in ("student", "tutor"):
-            out[f"flops/{role}"] = 2 * N * self.totals[f"tokens/{role}_gen"] + 6 * N * self.totals[f"tokens/{role}_train"]
+        return {**self.totals, **self.flops()}
+
+    def flops(self) -> dict[str, float]:
+        """2·N per generated/prompt token, 6·N per trained token, per role (cumulative)."""
+        N, t = self.policy.n_params, self.totals
+        out = {f"flops/{r}": 2 * N * t[f"tokens/{r}_gen"] + 6 * N * t[f"tokens/{r}_train"] for r in ("student", "tutor")}
         out["flops/total"] = out["flops/student"] + out["flops/tutor"]
         return out
 
@@ -167,8 +169,7 @@ class SelfPlay:
         self.policy.save_adapters(new / "adapters")
         torch.save({"iteration": it, "trainer": self.trainer.state(), "totals": self.totals,
                     "curriculum": self.curriculum.state(), "torch_rng": torch.get_rng_state(),
-                    "python_rng": random.getstate(), "backend_rng": self.backend.rng_state(),
-                    "gen_tokens": (self.gen.tokens, self.gen.prompt_tokens)}, new / "state.pt")
+                    "python_rng": random.getstate(), "backend_rng": self.backend.rng_state()}, new / "state.pt")
         if cur.exists():
             shutil.rmtree(old, ignore_errors=True)
             cur.rename(old)
@@ -190,7 +191,6 @@ class SelfPlay:
         torch.set_rng_state(st["torch_rng"])
         random.setstate(st["python_rng"])
         self.backend.set_rng_state(st["backend_rng"])
-        self.gen.tokens, self.gen.prompt_tokens = st["gen_tokens"]
         self.totals = st["totals"]
         return st["iteration"]
 
@@ -259,7 +259,7 @@ def run(cfg: RunConfig | None, out: Path, resume: bool = False, console=None) ->
     logger.log_eval(last, after, "after")
     summary = {"iterations": last, "before": _strip(before), "after": _strip(after),
                "improvement": compare(before, after), "totals": dict(sp.totals),
-               "flops": {k: v for k, v in sp._account([], {"student": [], "tutor": []}).items() if k.startswith("flops")}}
+               "flops": sp.flops()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     sp.store.set_status(out.name, "finished")
     logger.finish(summary)

@@ -129,10 +129,8 @@ class Policy:
         from safetensors.torch import load_file
 
         for name in sorted(set(self.adapters.values())):
-            d = src if name == "default" else src / name
+            d = src if name == "default" else src / name  # peft writes only "default" at the top level
             f = d / "adapter_model.safetensors"
-            if not f.is_file() and name == self.cfg.lora.student:
-                f = src / "adapter_model.safetensors"  # peft writes the first adapter at the top level
             set_peft_model_state_dict(self.model, load_file(str(f)), adapter_name=name)
 
     # ---------------------------------------------------------------- scoring

@@ -1,7 +1,11 @@
-"""Read-only access to a run's episode store, for users and for the curriculum.
+"""Read-only access to a run's episode store, for users.
 
-The file is opened with SQLite's `mode=ro` URI flag, so any write raises `sqlite3.OperationalError`
-("attempt to write a readonly database") and leaves the file unchanged.
+Two locks: the file is opened with SQLite's `mode=ro` URI flag, and an authorizer allows only
+reading statements (SELECT, reads, functions, CTEs, and a few read-only PRAGMAs). `mode=ro` alone
+still let `ATTACH DATABASE 'x.db'` + `CREATE TABLE x.t(...)` and `VACUUM INTO 'copy.db'` create
+files; both are denied now, and attaching is limited to zero databases as well. A refused
+statement raises `sqlite3.DatabaseError` ("not authorized" / "attempt to write a readonly
+database") and changes nothing.
 """
 
 from __future__ import annotations
@@ -12,12 +16,33 @@ from pathlib import Path
 from sqlite_utils import Database
 
 
+_READING = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE,
+            sqlite3.SQLITE_SAVEPOINT, sqlite3.SQLITE_TRANSACTION}  # sqlite-utils wraps reads in savepoints
+_TABLE_PRAGMAS = {"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list"}
+_QUERY_PRAGMAS = {"table_list", "compile_options", "user_version", "schema_version", "page_count", "page_size",
+                  "data_version", "database_list", "function_list", "module_list", "pragma_list", "encoding",
+                  "journal_mode", "freelist_count", "collation_list"}
+
+
+def _authorize(action, arg1, arg2, _db, _trigger):
+    if action in _READING:
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_PRAGMA and (arg1 in _TABLE_PRAGMAS or (arg1 in _QUERY_PRAGMAS and arg2 is None)):
+        return sqlite3.SQLITE_OK  # a PRAGMA with a value (user_version = 5) sets: denied
+    if action == sqlite3.SQLITE_UPDATE and arg1 == "sqlite_master":
+        return sqlite3.SQLITE_OK  # FTS5's table constructor asks for this; mode=ro refuses a real write
+    return sqlite3.SQLITE_DENY
+
+
 def open_readonly(path: str | Path) -> Database:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no episode store at {p}")
     conn = sqlite3.connect(f"file:{p.resolve()}?mode=ro", uri=True)
-    return Database(conn)
+    db = Database(conn)  # sqlite-utils sets a PRAGMA on open: lock after it
+    conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
+    conn.set_authorizer(_authorize)
+    return db
 
 
 def sql(db: Database, query: str, params=()) -> tuple[list[str], list[tuple]]:
@@ -48,8 +73,3 @@ def stats(db: Database) -> dict:
         from turns group by iteration, role, kind order by iteration, role, kind"""))
     return {"runs": count("runs"), "iterations": count("iterations"), "tasks": count("tasks"),
             "episodes": count("episodes"), "turns": count("turns"), "by_iteration": by_iter}
-
-
-def task_stats(db: Database) -> list[dict]:
-    """Per-task unhinted solve statistics (what the curriculum reads on resume)."""
-    return list(db.query("select id, key, numbers, target, parent, source, attempts, solved from tasks"))

@@ -8,7 +8,8 @@ Tables
   statistics are counts of unhinted student attempts.
 - episodes(id, iteration, task_id, parent_task_id, mutated, solved, hint_rounds, n_turns)
 - turns(id, episode_id, iteration, role, kind, adapter, adapter_version, group_id, prompt,
-  completion, parsed, verdict, reward, advantage, prompt_tokens, completion_tokens),
+  completion, parsed, verdict, reward, advantage, prompt_tokens, completion_tokens, hint_round),
+  hint_round 0 = an unhinted attempt (or a tutor turn outside hinting),
   with full-text search over prompt + completion (`turns_fts`).
 - metrics(iteration, name, value)
 
@@ -46,6 +47,13 @@ def m001_initial(db: Database) -> None:
     db["turns"].enable_fts(["prompt", "completion"], create_triggers=True)
 
 
+@migrations()
+def m002_hint_round(db: Database) -> None:
+    """The hint round of each turn as a column (0 = unhinted), instead of a group-id suffix."""
+    db["turns"].add_column("hint_round", int)
+    db.execute("update turns set hint_round = case when group_id like '%:a' then 0 else 1 end")
+
+
 class EpisodeStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -60,10 +68,6 @@ class EpisodeStore:
     def set_status(self, run_id: str, status: str) -> None:
         self.db["runs"].update(run_id, {"status": status})
 
-    def completed_iterations(self) -> int:
-        row = self.db.execute("select coalesce(max(iteration), 0) from iterations").fetchone()
-        return int(row[0])
-
     def truncate_after(self, iteration: int) -> None:
         """Drop everything written after `iteration` (resume from a checkpoint replays it)."""
         with self.db.atomic():
@@ -73,9 +77,9 @@ class EpisodeStore:
             # recount task statistics from the turns that remain
             self.db.execute("""update tasks set
                 attempts = (select count(*) from turns t join episodes e on t.episode_id = e.id
-                            where e.task_id = tasks.id and t.kind = 'attempt' and t.group_id like '%:a'),
+                            where e.task_id = tasks.id and t.kind = 'attempt' and t.hint_round = 0),
                 solved = (select count(*) from turns t join episodes e on t.episode_id = e.id
-                          where e.task_id = tasks.id and t.kind = 'attempt' and t.group_id like '%:a'
+                          where e.task_id = tasks.id and t.kind = 'attempt' and t.hint_round = 0
                           and t.verdict = 'solved')""")
 
     def write_iteration(self, iteration: int, tasks: list[dict], episodes: list[dict], turns: list[dict],

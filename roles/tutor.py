@@ -19,7 +19,7 @@ from collections import Counter
 
 from roles import Turn
 from roles.student import extract_answer
-from selfplay.domains.countdown import Task, parse_task, solvable, verify
+from selfplay.domains.countdown import Difficulty, Task, parse_task, solvable, verify
 
 
 def hint_reward(hint: str, task: Task, success_rate: float, leak: float) -> float:
@@ -38,14 +38,18 @@ def edit_size(child: Task, parent: Task) -> int:
     return sum(((c - p) + (p - c)).values())
 
 
-def child_is_valid(child: Task | None, parent: Task, max_edit: int = 2, max_value: int = 50,
-                   max_target: int = 1000) -> bool:
-    """A mutation is a small certified edit of its parent.
+def child_is_valid(child: Task | None, parent: Task, max_edit: int, bounds: Difficulty) -> bool:
+    """A mutation is a small certified edit of its parent, inside the curriculum's mutation range
+    (`bounds`: counts, values and targets).
 
     The edit bound matters: without it the tutor learned to write degenerate puzzles such as
-    `1 1 1 1 1>1` (high learnability for a weak student, useless for the evaluation distribution)."""
+    `1 1 1 1 1>1` (high learnability for a weak student, useless for the evaluation distribution).
+    The range bound keeps every child within what the exhaustive solver certifies quickly."""
+    d = bounds
     return (child is not None and child.key != parent.key and edit_size(child, parent) <= max_edit
-            and max(child.numbers) <= max_value and child.target <= max_target
+            and d.min_count <= len(child.numbers) <= d.max_count
+            and all(d.min_value <= n <= d.max_value for n in child.numbers)
+            and d.min_target <= child.target <= d.max_target
             and solvable(child.numbers, child.target))
 
 

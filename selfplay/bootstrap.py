@@ -39,7 +39,7 @@ import jinja2
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from selfplay.config import ROOT, BootstrapCfg
+from selfplay.config import BootstrapCfg, asset_dir
 from selfplay.domains.countdown import Difficulty, Task, generate_task, random_expr, verify
 from selfplay.tokenizer import build_tokenizer
 
@@ -119,10 +119,10 @@ KIND_WEIGHTS = {"attempt": 0.85, "hint": 0.05, "mutate": 0.05, "judge": 0.05}
 
 
 def corpus_templates() -> dict[str, list[jinja2.Template]]:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(ROOT / "prompts" / "tiny")),
-                             undefined=jinja2.StrictUndefined)
+    folder = asset_dir("prompts") / "tiny"
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(folder)), undefined=jinja2.StrictUndefined)
     out: dict[str, list] = {k: [] for k in KIND_WEIGHTS}
-    for p in sorted((ROOT / "prompts" / "tiny").glob("*.j2")):
+    for p in sorted(folder.glob("*.j2")):
         kind = p.stem.split("_")[0]
         if kind in out:
             out[kind].append(env.get_template(p.name))

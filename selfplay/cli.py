@@ -49,7 +49,7 @@ def run(config: Optional[Path] = typer.Option(None, help="YAML config (default: 
         set: List[str] = typer.Option([], "--set", help="Dotted override, e.g. trainer.lr=3e-4 (repeatable)."),
         out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<timestamp>)."),
         resume: Optional[Path] = typer.Option(None, help="Continue the run in this directory."),
-        quiet: bool = typer.Option(False, help="No progress bar.")):
+        quiet: bool = typer.Option(False, help="No progress bar and no progress lines.")):
     """Train the student and tutor by self-play; evaluate before and after."""
     from selfplay.loop import run as run_loop
 
@@ -57,12 +57,10 @@ def run(config: Optional[Path] = typer.Option(None, help="YAML config (default: 
         if resume:
             if config or set:
                 raise ValueError("--resume continues with the run's own config.yaml; drop --config/--set")
-            summary = run_loop(None, resume, resume=True, console=console)
+            summary = run_loop(None, resume, resume=True, console=console, quiet=quiet)
         else:
             cfg = _config(config, set)
-            if quiet:
-                cfg.logging.progress = False
-            summary = run_loop(cfg, out or RUNS / time.strftime("run-%Y%m%d-%H%M%S"), console=console)
+            summary = run_loop(cfg, out or RUNS / time.strftime("run-%Y%m%d-%H%M%S"), console=console, quiet=quiet)
     except USER_ERRORS as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except KeyboardInterrupt:
@@ -183,8 +181,9 @@ def mem_sql(query: str, run: Optional[Path] = typer.Option(None, "--run", help="
 
     try:
         cols, rows = sql(_ro(run), query)
-    except sqlite3.OperationalError as e:
-        _fail(f"{e} (the store is opened read-only)" if "readonly" in str(e) else str(e))
+    except sqlite3.DatabaseError as e:
+        refused = any(w in str(e) for w in ("readonly", "not authorized", "authorization denied"))
+        _fail(f"{e}: the episode store is read-only (reading statements only)" if refused else str(e))
     except USER_ERRORS as e:
         _fail(str(e))
     for r in rows:

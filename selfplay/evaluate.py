@@ -33,7 +33,7 @@ def _mean_se(xs: list[float]) -> tuple[float, float]:
     return m, math.sqrt(var / n)
 
 
-def _complete(backend, policy, prompts, adapter, cap, max_batch, temperature=None):
+def _complete(backend, prompts, adapter, cap, max_batch, temperature=None):
     outs = []
     for i in range(0, len(prompts), max_batch):
         chunk = prompts[i: i + max_batch]
@@ -58,8 +58,8 @@ def evaluate(policy, backend, prompts: Prompts, tasks: list[Task], cfg: RunConfi
             reasons[v.reason] += 1
         return [sum(x) / reps for x in per_task], reasons
 
-    sampled, reasons = solved(_complete(backend, policy, ids * k, adapter, cap, mb), k)
-    greedy, _ = solved(_complete(backend, policy, ids, adapter, cap, mb, temperature=0.0), 1)
+    sampled, reasons = solved(_complete(backend, ids * k, adapter, cap, mb), k)
+    greedy, _ = solved(_complete(backend, ids, adapter, cap, mb, temperature=0.0), 1)
     m, se = _mean_se(sampled)
     gm, gse = _mean_se(greedy)
     by_count = defaultdict(list)
@@ -85,11 +85,11 @@ def judge_accuracy(policy, backend, prompts: Prompts, tasks: list[Task], cfg: Ru
     cap, mb = cfg.generation.max_new_tokens, cfg.generation.max_batch
     ids = [policy.encode(prompts.render("attempt", numbers=t.numbers, target=t.target, hint=None)) for t in tasks]
     answers = [TURNS["attempt"].parse(policy.decode(o.ids))
-               for o in _complete(backend, policy, ids, policy.adapters["student"], cap, mb)]
+               for o in _complete(backend, ids, policy.adapters["student"], cap, mb)]
     truth = [verify(a, t.numbers, t.target).solved for a, t in zip(answers, tasks)]
     jids = [policy.encode(prompts.render("judge", numbers=t.numbers, target=t.target, attempt=a))
             for a, t in zip(answers, tasks)]
-    outs = _complete(backend, policy, jids, policy.adapters["tutor"], cfg.generation.tutor_max_new_tokens, mb,
+    outs = _complete(backend, jids, policy.adapters["tutor"], cfg.generation.tutor_max_new_tokens, mb,
                      temperature=0.0)
     preds = [TURNS["judge"].parse(policy.decode(o.ids)) for o in outs]
     acc = sum(p == tr for p, tr in zip(preds, truth)) / max(len(tasks), 1)

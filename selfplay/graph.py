@@ -28,7 +28,8 @@ from langgraph.graph import END, START, StateGraph
 from roles import TURNS
 from roles.tutor import child_is_valid
 from selfplay.config import RunConfig
-from selfplay.domains.countdown import Task, verify
+from selfplay.curriculum import mutation_range
+from selfplay.domains.countdown import Difficulty, Task, verify
 from selfplay.generator import Generator, Sample
 from selfplay.prompts import Prompts
 
@@ -47,13 +48,25 @@ class EpisodeState(TypedDict, total=False):
     turns: list[dict]
 
 
+def unhinted_attempt(turn: dict) -> bool:
+    """A student attempt of round 0: what solve rates, the curriculum and the mutate reward count."""
+    return turn["kind"] == "attempt" and turn["hint_round"] == 0
+
+
 def _turn(s: EpisodeState, role: str, kind: str, group: str, smp: Sample, prompt: str, adapter: str,
-          version: int, parsed) -> dict:
+          version: int, parsed, hint_round: int = 0) -> dict:
     return {"episode_id": s["episode_id"], "iteration": s["iteration"], "role": role, "kind": kind,
-            "adapter": adapter, "adapter_version": version, "group_id": group, "prompt": prompt,
+            "adapter": adapter, "adapter_version": version, "group_id": group, "hint_round": hint_round,
+            "prompt": prompt, "behaviour_logprobs": smp.logprobs,
             "completion": smp.text, "parsed": None if parsed is None else str(parsed), "verdict": None,
             "reward": None, "advantage": None, "prompt_tokens": len(smp.prompt_ids),
             "completion_tokens": len(smp.ids), "prompt_ids": smp.prompt_ids, "completion_ids": smp.ids}
+
+
+async def certify_child(child: Task | None, parent: Task, max_edit: int, bounds: Difficulty) -> bool:
+    """`child_is_valid` in a worker thread: the solver is pure Python (up to seconds for an
+    unsolvable 6-number child), and in the event loop it would stall every episode in flight."""
+    return await asyncio.to_thread(child_is_valid, child, parent, max_edit, bounds)
 
 
 def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict[str, int],
@@ -62,6 +75,7 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
     g, rw = cfg.graph, cfg.rewards
     pol = gen.policy
     student_cap, tutor_cap = cfg.generation.max_new_tokens, cfg.generation.tutor_max_new_tokens
+    bounds = mutation_range(cfg.curriculum)
 
     def vars_of(t: Task) -> dict:
         return {"numbers": t.numbers, "target": t.target}
@@ -75,9 +89,7 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
         solve_bucket = min(9, int(10 * parent.extra.get("solve_rate", 0.0)))
         text, [smp] = await ask("tutor", "mutate", 1, tutor_cap, **vars_of(parent), solve_bucket=solve_bucket)
         child = TURNS["mutate"].parse(smp.text)
-        c = cfg.curriculum
-        valid = (child_is_valid(child, parent, g.mutate_max_edit, 2 * c.max_value, c.max_target)
-                 and child.key not in heldout)
+        valid = await certify_child(child, parent, g.mutate_max_edit, bounds) and child.key not in heldout
         turn = _turn(s, "tutor", "mutate", s["mutate_group"], smp, text, pol.adapters["tutor"],
                      versions["tutor"], child.key if child else None)
         turn["verdict"] = "valid" if valid else "invalid"
@@ -94,7 +106,7 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
         for j, (text, samples) in enumerate(await asyncio.gather(*asks)):
             group = f"{s['episode_id']}:a" if r == 0 else f"{s['episode_id']}:h{r}.{j}"
             new += [_turn(s, "student", "attempt", group, smp, text, pol.adapters["student"],
-                          versions["student"], TURNS["attempt"].parse(smp.text)) for smp in samples]
+                          versions["student"], TURNS["attempt"].parse(smp.text), r) for smp in samples]
         return {"turns": s["turns"] + new}
 
     def verify_node(s: EpisodeState) -> dict:
@@ -109,7 +121,7 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
         out = {"turns": turns, "solved_round": solved_round}
         if r == 0:
             out["solved"] = solved_round
-            p_hat = sum(x["verdict"] == "solved" for x in turns if x["group_id"].endswith(":a")) / g.group_size
+            p_hat = sum(x["verdict"] == "solved" for x in turns if unhinted_attempt(x)) / g.group_size
             for i, x in enumerate(turns):
                 if x["kind"] == "mutate":
                     turns[i] = {**x, "reward": TURNS["mutate"].reward(x["verdict"] == "valid", p_hat,
@@ -129,13 +141,13 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
         text, samples = await ask("tutor", "hint", g.hints_per_round, tutor_cap, **vars_of(t),
                                   attempt=failed[-1]["parsed"] or failed[-1]["completion"])
         new = [_turn(s, "tutor", "hint", f"{s['episode_id']}:H{r}", smp, text, pol.adapters["tutor"],
-                     versions["tutor"], TURNS["hint"].parse(smp.text)) for smp in samples]
+                     versions["tutor"], TURNS["hint"].parse(smp.text), r) for smp in samples]
         return {"turns": s["turns"] + new, "hint_round": r, "hints": [x["parsed"] for x in new]}
 
     async def judge(s: EpisodeState) -> dict:
         t = s["current"]
         rng = random.Random(f"{cfg.seed}:{s['episode_id']}")
-        pool = [x for x in s["turns"] if x["group_id"].endswith(":a")]
+        pool = [x for x in s["turns"] if unhinted_attempt(x)]
         solved = [x for x in pool if x["verdict"] == "solved"]
         picks = []
         for _ in range(min(g.judge_attempts, len(pool))):  # balance the classes when both exist

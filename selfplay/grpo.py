@@ -5,12 +5,14 @@ Variant (defaults in `TrainerCfg`):
   attempts on one prompt (student), the H hints for one failed group, the M children of one
   parent, or the votes on one attempt (tutor). A_i = (r_i - mean_g) / (std_g + eps) with the sample
   (unbiased, n-1) std as in TRL; `scale_std=False` gives Dr.GRPO's A_i = r_i - mean_g.
-- Groups whose rewards are all equal carry no signal and are dropped (`drop_zero_variance`);
-  singleton groups are always dropped (no baseline).
+- Groups whose rewards are all equal (max - min <= 1e-9, so float noise in a mean does not count
+  as signal) carry none and are dropped (`drop_zero_variance`); singleton groups are always
+  dropped (no baseline), whatever the flag.
 - Objective: PPO clipped ratio per token, with asymmetric clip (DAPO clip-higher):
   L_t = -min(rho_t A, clip(rho_t, 1 - clip_low, 1 + clip_high) A), rho_t = exp(logp_t - old_logp_t).
-  With one update per batch (epochs = 1) old_logp = logp.detach(), so rho = 1 and the clip is
-  inert; it matters with `epochs > 1`.
+  old_logp are the behaviour log-probs the sampler drew the tokens with, and logp is scored under
+  the same sampling distribution (temperature and top-k), so rho = 1 up to float rounding at
+  epoch 1 and the clip matters with `epochs > 1` or a stale sampler.
 - Optional KL to the reference (base with adapters disabled), k3 estimator per token:
   KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1, added as kl_coef * KL_t.
 - Aggregation: "token" = sum over all completion tokens / their count (DAPO); "sequence" = mean
@@ -28,8 +30,9 @@ import torch
 
 
 def group_advantages(rewards: Sequence[float], groups: Sequence[Hashable], scale_std: bool = True,
-                     eps: float = 1e-6) -> tuple[list[float], list[bool]]:
-    """Per-group normalised advantages and a keep flag (False for zero-variance or singleton groups)."""
+                     drop_zero_variance: bool = True, eps: float = 1e-6) -> tuple[list[float], list[bool]]:
+    """Per-group normalised advantages and a keep flag: False for singleton groups, and for groups
+    whose rewards are all equal when `drop_zero_variance`."""
     members: dict[Hashable, list[int]] = defaultdict(list)
     for i, g in enumerate(groups):
         members[g].append(i)
@@ -38,13 +41,13 @@ def group_advantages(rewards: Sequence[float], groups: Sequence[Hashable], scale
         r = torch.tensor([float(rewards[i]) for i in idx], dtype=torch.float64)
         if len(idx) < 2:
             continue
-        a = r - r.mean()
-        std = r.std()  # unbiased
-        if scale_std:
-            a = a / (std + eps)
+        flat = float(r.max() - r.min()) <= 1e-9
+        a = torch.zeros_like(r) if flat else r - r.mean()
+        if scale_std and not flat:
+            a = a / (r.std() + eps)  # unbiased std
         for i, v in zip(idx, a.tolist()):
             adv[i] = v
-            keep[i] = bool(std > 0)
+            keep[i] = not (flat and drop_zero_variance)
     return adv, keep
 
 

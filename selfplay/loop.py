@@ -5,8 +5,9 @@
     -> write memory (one transaction) -> log -> checkpoint
 
 Compute accounting (for equal-compute comparisons, tutor included): generation costs 2·N FLOPs
-per token (prompt and completion), training 6·N per token of every row in the update, with N the
-base's parameter count. The run stops at `iterations` or at `max_student_samples`.
+per token (prompt and completion), training 6·N per token of every row in the update and epoch,
+the KL reference forward 2·N per trained token, with N the base's parameter count. A frozen role
+costs no training FLOPs. The run stops at `iterations` or at `max_student_samples`.
 
 Crash safety: memory holds whole iterations only; checkpoints (adapters, optimizers, RNG states,
 curriculum, counters) are written every `checkpoint_every` iterations by rename. `resume` restores
@@ -31,7 +32,7 @@ from selfplay.config import RunConfig, build_config
 from selfplay.curriculum import Curriculum
 from selfplay.evaluate import compare, evaluate, heldout_tasks
 from selfplay.generator import Generator, TorchBackend
-from selfplay.graph import build_graph, episode_input, run_episodes
+from selfplay.graph import build_graph, episode_input, run_episodes, unhinted_attempt
 from selfplay.policy import Policy
 from selfplay.prompts import Prompts
 from selfplay.trainer import Row, Trainer
@@ -41,7 +42,7 @@ class RunError(RuntimeError):
     """A user-facing problem with the run directory (one-line message)."""
 
 
-DB_FIELDS = ("episode_id", "iteration", "role", "kind", "adapter", "adapter_version", "group_id", "prompt",
+DB_FIELDS = ("episode_id", "iteration", "role", "kind", "adapter", "adapter_version", "group_id", "hint_round", "prompt",
              "completion", "parsed", "verdict", "reward", "advantage", "prompt_tokens", "completion_tokens")
 
 
@@ -84,8 +85,9 @@ class SelfPlay:
         self.graph = build_graph(cfg, self.gen, self.prompts, self.trainer.versions,
                                  {t.key for t in self.heldout})
         self.store = EpisodeStore(out / "memory.db")
-        self.totals = {"samples/student": 0, "samples/tutor": 0, "tokens/student_gen": 0, "tokens/tutor_gen": 0,
-                       "tokens/student_train": 0, "tokens/tutor_train": 0, "time/seconds": 0.0}
+        self.totals = {f"{k}/{r}{s}": 0 for r in ("student", "tutor")
+                       for k, s in (("samples", ""), ("tokens", "_gen"), ("tokens", "_train"), ("tokens", "_ref"))}
+        self.totals["time/seconds"] = 0.0
         self.iteration_done = 0
 
     # ---------------------------------------------------------------- the algorithm
@@ -102,13 +104,16 @@ class SelfPlay:
         turns = [t for s in states for t in s["turns"]]
         # 3. advantages per (role, kind, group): never across roles or turn kinds
         groups = [(t["role"], t["kind"], t["group_id"]) for t in turns]
-        adv, keep = grpo.group_advantages([t["reward"] for t in turns], groups, cfg.trainer.scale_std)
+        adv, keep = grpo.group_advantages([t["reward"] for t in turns], groups, cfg.trainer.scale_std,
+                                          cfg.trainer.drop_zero_variance)
         rows = {"student": [], "tutor": []}
         for t, a, k in zip(turns, adv, keep):
             t["advantage"] = a
-            hinted = t["kind"] == "attempt" and not t["group_id"].endswith(":a")
-            if (k or not cfg.trainer.drop_zero_variance) and not (hinted and not cfg.trainer.train_on_hinted):
-                rows[t["role"]].append(Row(t["prompt_ids"], t["completion_ids"], a))
+            hinted = t["kind"] == "attempt" and t["hint_round"] > 0
+            if k and not (hinted and not cfg.trainer.train_on_hinted):
+                rows[t["role"]].append(Row(t["prompt_ids"], t["completion_ids"], a, t["behaviour_logprobs"]))
+        if not cfg.trainer.train_tutor:
+            rows["tutor"] = []
         # 4. update student, then tutor (separate adapters, separate optimizers)
         t1 = time.perf_counter()
         self.backend.sleep()
@@ -123,31 +128,26 @@ class SelfPlay:
         dt = time.perf_counter() - t0
         gen_tokens = sum(t["completion_tokens"] for t in turns)
         m.update({"rollout/tokens_per_s": gen_tokens / max(self.gen.seconds - gen_s0, 1e-9),
+                  "time/samples_per_s": len(turns) / dt,
                   "time/rollout_s": t_rollout, "time/train_s": t_train, "time/iteration_s": dt,
                   "rollout/episodes_per_s": len(states) / t_rollout})
         self.totals["time/seconds"] += dt
         return m
 
     def _account(self, turns: list[dict], rows: dict) -> dict[str, float]:
-        for role in ("student", "tutor"):
-            mine = [t for t in turns if t["role"] == role]
-            self.totals[f"samples/{role}"] += len(mine)
-            self.totals[f"tokens/{role}_gen"] += sum(t["prompt_tokens"] + t["completion_tokens"] for t in mine)
-            self.totals[f"tokens/{role}_train"] += sum(len(r.prompt_ids) + len(r.completion_ids) for r in rows[role])
+        t = self.cfg.trainer
+        for k, v in count_tokens(turns, rows, t.epochs, t.kl_coef > 0).items():
+            self.totals[k] = self.totals.get(k, 0) + v
         return {**self.totals, **self.flops()}
 
     def flops(self) -> dict[str, float]:
-        """2·N per generated/prompt token, 6·N per trained token, per role (cumulative)."""
-        N, t = self.policy.n_params, self.totals
-        out = {f"flops/{r}": 2 * N * t[f"tokens/{r}_gen"] + 6 * N * t[f"tokens/{r}_train"] for r in ("student", "tutor")}
-        out["flops/total"] = out["flops/student"] + out["flops/tutor"]
-        return out
+        return flops(self.policy.n_params, self.totals)
 
     def _record(self, it: int, states: list[dict], turns: list[dict]) -> dict[str, float]:
         tasks, episodes = [], []
         for s in states:
             cur = s["current"]
-            unhinted = [t for t in s["turns"] if t["group_id"].endswith(":a")]
+            unhinted = [t for t in s["turns"] if unhinted_attempt(t)]
             solved = sum(t["verdict"] == "solved" for t in unhinted)
             self.curriculum.update(cur, len(unhinted), solved, it)
             tasks.append({"id": cur.id, "key": cur.key, "numbers": json.dumps(cur.numbers), "target": cur.target,
@@ -157,7 +157,7 @@ class SelfPlay:
                              "parent_task_id": s["task"].id if s["mutate"] else None, "mutated": int(s["mutate"]),
                              "solved": int(s["solved"]), "hint_rounds": s["hint_round"], "n_turns": len(s["turns"])})
         db_turns = [{k: t[k] for k in DB_FIELDS} for t in turns]
-        metrics = _turn_metrics(turns, self.cfg.graph.group_size)
+        metrics = _turn_metrics(turns)
         self.store.write_iteration(it, tasks, episodes, db_turns, metrics)
         return metrics
 
@@ -195,13 +195,37 @@ class SelfPlay:
         return st["iteration"]
 
 
-def _turn_metrics(turns: list[dict], G: int) -> dict[str, float]:
+def count_tokens(turns: list[dict], rows: dict, epochs: int, ref: bool) -> dict[str, int]:
+    """One iteration's samples and tokens per role, for the FLOP estimate: generation (prompt +
+    completion of every sampled turn), training (every token of every trained row, once per epoch:
+    forward + backward) and the KL reference forward (once per trained token, if the KL is on).
+    `rows` holds only the rows really trained (none for a frozen tutor)."""
+    out = {}
+    for role in ("student", "tutor"):
+        mine = [t for t in turns if t["role"] == role]
+        trained = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rows[role])
+        out[f"samples/{role}"] = len(mine)
+        out[f"tokens/{role}_gen"] = sum(t["prompt_tokens"] + t["completion_tokens"] for t in mine)
+        out[f"tokens/{role}_train"] = trained * epochs
+        out[f"tokens/{role}_ref"] = trained if ref else 0
+    return out
+
+
+def flops(n_params: int, totals: dict) -> dict[str, float]:
+    """2·N per forward token (generation, KL reference), 6·N per trained token (forward + backward)."""
+    out = {f"flops/{r}": 2 * n_params * (totals[f"tokens/{r}_gen"] + totals.get(f"tokens/{r}_ref", 0))
+           + 6 * n_params * totals[f"tokens/{r}_train"] for r in ("student", "tutor")}
+    out["flops/total"] = out["flops/student"] + out["flops/tutor"]
+    return out
+
+
+def _turn_metrics(turns: list[dict]) -> dict[str, float]:
     def mean(xs):
         xs = list(xs)
         return sum(xs) / len(xs) if xs else float("nan")
 
-    att = [t for t in turns if t["kind"] == "attempt" and t["group_id"].endswith(":a")]
-    hinted = [t for t in turns if t["kind"] == "attempt" and not t["group_id"].endswith(":a")]
+    att = [t for t in turns if unhinted_attempt(t)]
+    hinted = [t for t in turns if t["kind"] == "attempt" and t["hint_round"] > 0]
     m = {"student/solve_rate": mean(t["verdict"] == "solved" for t in att),
          "student/reward": mean(t["reward"] for t in att),
          "student/bad_arithmetic": mean(t["verdict"] == "bad_arithmetic" for t in att),
@@ -218,25 +242,27 @@ def _turn_metrics(turns: list[dict], G: int) -> dict[str, float]:
     return {k: v for k, v in m.items() if v == v}  # drop NaN
 
 
-def run(cfg: RunConfig | None, out: Path, resume: bool = False, console=None) -> dict:
+def run(cfg: RunConfig | None, out: Path, resume: bool = False, console=None, quiet: bool = False) -> dict:
     """`selfplay run`: train, evaluating before and after; returns the summary."""
     from selfplay.reporting import Progress, RunLogger
 
     cfg = prepare_dir(out, cfg, resume)
+    if quiet:
+        cfg.logging.progress, cfg.logging.log_every = False, 0
     sp = SelfPlay(cfg, out)
     start = 0
     if resume:
         start = sp.load_checkpoint()
         sp.store.truncate_after(start)
     sp.store.start_run(out.name, cfg.model_dump(mode="json"))
-    logger = RunLogger(out, cfg, console)
+    logger = RunLogger(out, cfg, console, resume_from=start if resume else None)
     before_path = out / "eval_before.json"
     if before_path.is_file():
         before = json.loads(before_path.read_text())
     else:  # iteration 0: LoRA B = 0, so the student is the base
         before = evaluate(sp.policy, sp.backend, sp.prompts, sp.heldout, cfg)
         before_path.write_text(json.dumps(before))
-    logger.log_eval(0, before, "before")
+        logger.log_eval(0, before, "before")
     with Progress(cfg, start, console) as bar:
         for it in range(start + 1, cfg.iterations + 1):
             if cfg.max_student_samples and sp.totals["samples/student"] >= cfg.max_student_samples:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from selfplay.config import RunConfig
@@ -27,12 +27,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def ensure_base(cfg: RunConfig, log=print) -> Path:
-    """The base model directory: `model.path`, or the cached tiny base (built if missing)."""
+    """The base model directory: `model.path`, the imported `model.gguf`, or the cached tiny base
+    (built if missing)."""
     if cfg.model.path:
         p = Path(cfg.model.path).expanduser()
         if not (p / "config.json").is_file():
             raise FileNotFoundError(f"model.path: no Hugging Face model at {p} (config.json missing)")
         return p
+    if cfg.model.gguf:
+        from selfplay.gguf import import_gguf
+
+        return import_gguf(cfg.model.gguf, cfg.model.cache_dir, log)
     from selfplay.bootstrap import base_dir, pretrain
 
     p = base_dir(cfg.bootstrap, cfg.model.cache_dir)
@@ -40,6 +45,16 @@ def ensure_base(cfg: RunConfig, log=print) -> Path:
         log(f"bootstrapping the tiny base into {p} ({cfg.bootstrap.steps} steps; the default takes about 150 s on 2 cores)")
         pretrain(cfg.bootstrap, p)
     return p
+
+
+def sampling_logits(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+    """The logits the sampler draws from: divided by the temperature, top-k filtered. (..., V)"""
+    if temperature > 0 and temperature != 1:
+        logits = logits / temperature
+    if top_k:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return logits
 
 
 @dataclass
@@ -97,9 +112,10 @@ class Policy:
     # ---------------------------------------------------------------- text
 
     def encode(self, prompt: str) -> list[int]:
-        if self.cfg.model.chat_template:
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                      add_generation_prompt=True, tokenize=True)
+        if self.cfg.model.chat_template:  # transformers 5 returns a BatchEncoding unless return_dict=False
+            return list(self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                           add_generation_prompt=True, tokenize=True,
+                                                           return_dict=False))
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
@@ -136,11 +152,14 @@ class Policy:
     # ---------------------------------------------------------------- scoring
 
     def _forward_logprobs(self, b: Batch) -> torch.Tensor:
-        dev = self.cfg.model.device
+        """Log-probs under the rollout's sampling distribution (logits / T, then the top-k filter),
+        so the ratio to the sampler's behaviour log-probs is 1 at the weights that sampled."""
+        dev, g = self.cfg.model.device, self.cfg.generation
         ids, mask = b.input_ids.to(dev), b.attention_mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
                             logits_to_keep=b.C + 1).logits[:, :-1].float()  # (B, C, V)
+        logits = sampling_logits(logits, g.temperature, g.top_k)
         targets = ids[:, -b.C:]  # (B, C)
         return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)  # (B, C)
 

@@ -11,14 +11,23 @@ from pathlib import Path
 import jinja2
 
 from roles import TURNS
-from selfplay.config import ROOT, ConfigError, PromptsCfg
+from selfplay.config import ConfigError, PromptsCfg, asset_dir
+
+
+def prompt_dir(name: str) -> Path:
+    """A shipped prompt folder (`tiny`, `chat`), or a user's own folder given by path."""
+    shipped = asset_dir("prompts") / name
+    if shipped.is_dir() and not Path(name).is_absolute():
+        return shipped
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser()
+    raise ConfigError(f"prompts.dir: folder not found: {name} (shipped: "
+                      f"{', '.join(sorted(p.name for p in asset_dir('prompts').iterdir() if p.is_dir()))})")
 
 
 class Prompts:
     def __init__(self, cfg: PromptsCfg):
-        folder = Path(cfg.dir) if Path(cfg.dir).is_absolute() else ROOT / "prompts" / cfg.dir
-        if not folder.is_dir():
-            raise ConfigError(f"prompts.dir: folder not found: {folder}")
+        folder = prompt_dir(cfg.dir)
         env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(folder)),
                                  undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
         self.templates = {}

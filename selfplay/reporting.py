@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -13,12 +14,22 @@ from rich.table import Table
 from selfplay.config import RunConfig
 
 
+PLAIN_KEYS = ("student/solve_rate", "student/hinted_solve_rate", "tutor/hint_reward", "tutor/mutate_valid_rate",
+              "time/samples_per_s", "time/iteration_s")
+
+
 class Progress:
+    """A rich progress bar on a terminal; elsewhere (a batch job, a pipe, `logging.progress: false`)
+    one plain line every `logging.log_every` iterations with the key metrics and throughput."""
+
     def __init__(self, cfg: RunConfig, start: int, console: Console | None):
-        self.enabled = cfg.logging.progress
+        self.console = console or Console(stderr=True)
+        self.enabled = cfg.logging.progress and self.console.is_terminal
+        self.every, self.total, self.start = cfg.logging.log_every, cfg.iterations, start
+        self.t0 = time.perf_counter()
         self.bar = RichProgress(TextColumn("[bold]selfplay"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                console=console or Console(stderr=True), disable=not self.enabled)
+                                console=self.console, disable=not self.enabled)
         self.task = self.bar.add_task("run", total=cfg.iterations, completed=start, info="")
 
     def __enter__(self):
@@ -29,21 +40,48 @@ class Progress:
         self.bar.__exit__(*a)
 
     def update(self, it: int, m: dict) -> None:
-        info = (f"solve {m.get('student/solve_rate', 0):.3f} hint {m.get('tutor/hint_reward', float('nan')):.2f} "
-                f"{m.get('time/iteration_s', 0):.2f}s/it")
-        self.bar.update(self.task, completed=it, info=info)
+        if self.enabled:
+            info = (f"solve {m.get('student/solve_rate', 0):.3f} hint {m.get('tutor/hint_reward', float('nan')):.2f} "
+                    f"{m.get('time/iteration_s', 0):.2f}s/it")
+            self.bar.update(self.task, completed=it, info=info)
+        elif self.every and (it % self.every == 0 or it == self.total):
+            self.console.print(plain_line(it, self.total, m, time.perf_counter() - self.t0, it - self.start),
+                               highlight=False, soft_wrap=True)
+
+
+def plain_line(it: int, total: int, m: dict, elapsed: float, done: int) -> str:
+    """`iter 20/200 | student/solve_rate 0.031 | ... | elapsed 12s | eta 1m48s`"""
+    eta = elapsed / max(done, 1) * (total - it)
+    parts = [f"iter {it}/{total}"] + [f"{k} {m[k]:.3g}" for k in PLAIN_KEYS if k in m]
+    return " | ".join(parts + [f"elapsed {_dur(elapsed)}", f"eta {_dur(eta)}"])
+
+
+def _dur(s: float) -> str:
+    return f"{int(s // 60)}m{int(s % 60):02d}s" if s >= 60 else f"{s:.0f}s"
 
 
 class RunLogger:
-    def __init__(self, out: Path, cfg: RunConfig, console: Console | None):
+    """metrics.jsonl and TensorBoard. On resume from iteration k, both forget what came after k
+    (those iterations are replayed): the JSONL is rewritten without them and TensorBoard purges
+    them (`purge_step`), so no iteration is logged twice."""
+
+    def __init__(self, out: Path, cfg: RunConfig, console: Console | None, resume_from: int | None = None):
         self.out, self.cfg = out, cfg
         self.console = console or Console(stderr=True)
+        path = out / "metrics.jsonl"
+        if resume_from is not None and path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("iteration", 0) <= resume_from]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
         self.tb = None
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out / "tb"))
-        self.jsonl = open(out / "metrics.jsonl", "a")
+            purge = resume_from + 1 if resume_from is not None else None
+            self.tb = SummaryWriter(str(out / "tb"), purge_step=purge)
+        self.jsonl = open(path, "a")
 
     def log(self, it: int, m: dict) -> None:
         self.jsonl.write(json.dumps({"iteration": it, **m}) + "\n")

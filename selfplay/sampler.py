@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from selfplay.policy import sampling_logits
+
 
 @dataclass
 class Completion:
@@ -49,18 +51,17 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int | list[int], 
     out_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_lp = torch.zeros((B, max_new_tokens), device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)  # tokens each row really sampled
+    hit_eos = torch.zeros(B, dtype=torch.bool, device=device)
     next_pos = pos[:, -1:] + 1  # (B, 1)
     n = 0
     for n in range(1, max_new_tokens + 1):
         logits = logits.float()
         if temperature > 0:
-            logits = logits / temperature
-            if top_k:
-                kth = logits.topk(top_k, dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            logp = logits.log_softmax(-1)
+            logp = sampling_logits(logits, temperature, top_k).log_softmax(-1)
             # inverse-CDF sampling: one uniform per row (torch.multinomial was the sampler's top cost)
-            u = torch.rand((B, 1), generator=generator, device=device)
+            # u > 0, so the first index whose cdf reaches u * total has positive probability
+            u = torch.rand((B, 1), generator=generator, device=device).clamp(min=1e-12)
             cdf = logp.exp().cumsum(-1)  # (B, V)
             tok = (cdf < u * cdf[:, -1:]).sum(-1).clamp(max=logits.shape[-1] - 1)  # (B,)
         else:
@@ -70,6 +71,8 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int | list[int], 
         tok = tok.masked_fill(done, pad_id)
         out_ids[:, n - 1] = tok
         out_lp[:, n - 1] = lp.masked_fill(done, 0.0)
+        lengths += (~done).long()
+        hit_eos |= ~done & (tok == eos_id)  # a pad equal to EOS after a row ended is not an EOS
         done |= (tok == eos_id) | (caps <= n)
         if bool(done.all()) or n == max_new_tokens:
             break
@@ -78,8 +81,4 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int | list[int], 
                        past_key_values=cache, use_cache=True, **kw).logits[:, -1]
         next_pos = next_pos + 1
     out_ids, out_lp = out_ids[:, :n].tolist(), out_lp[:, :n].tolist()
-    result = []
-    for row, lps in zip(out_ids, out_lp):
-        k = row.index(eos_id) + 1 if eos_id in row else len(row)
-        result.append(Completion(row[:k], lps[:k], row[k - 1] == eos_id))
-    return result
+    return [Completion(row[:k], lps[:k], e) for row, lps, k, e in zip(out_ids, out_lp, lengths.tolist(), hit_eos.tolist())]

@@ -1,6 +1,7 @@
 """Trainer: one AdamW per adapter, one clipped-ratio GRPO update per role per iteration.
 
-Input rows come with their advantages already computed (per role x turn-kind group, see grpo.py).
+Input rows come with their advantages already computed (per role x turn-kind group, see grpo.py)
+and the sampler's behaviour log-probs, which are the ratio's denominator (`old_logprobs`).
 A non-finite loss or gradient norm skips that role's update (counted in `trainer/skipped`), so a
 bad batch never corrupts an adapter.
 """
@@ -23,6 +24,17 @@ class Row:
     prompt_ids: list[int]
     completion_ids: list[int]
     advantage: float
+    old_logprobs: list[float] | None = None  # behaviour log-probs of the sampler; None = score now
+
+
+def _old_logprobs(rows: list[Row], C: int) -> torch.Tensor | None:
+    """(B, C) behaviour log-probs right-padded with 0, or None if any row lacks them."""
+    if any(r.old_logprobs is None for r in rows):
+        return None
+    out = torch.zeros((len(rows), C))
+    for i, r in enumerate(rows):
+        out[i, : len(r.old_logprobs)] = torch.tensor(r.old_logprobs)
+    return out
 
 
 class Trainer:
@@ -50,7 +62,7 @@ class Trainer:
         mb = t.micro_batch
         batches = [rows[i: i + mb] for i in range(0, len(rows), mb)]
         built = [make_batch([r.prompt_ids for r in b], [r.completion_ids for r in b], pol.pad_id) for b in batches]
-        old = [None] * len(built)
+        old = [_old_logprobs(rs, b.C) for rs, b in zip(batches, built)]
         stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0}
         for epoch in range(t.epochs):
             opt.zero_grad(set_to_none=True)
@@ -60,6 +72,7 @@ class Trainer:
                 lp = pol.logprobs(b, role)  # (b, C)
                 if old[k] is None:
                     old[k] = lp.detach()
+                old[k] = old[k].to(lp.device)
                 ref = pol.ref_logprobs(b) if t.kl_coef > 0 else None
                 if ref is not None:
                     pol.use(role)
@@ -96,4 +109,5 @@ class Trainer:
     def load(self, state: dict) -> None:
         for r, o in self.opt.items():
             o.load_state_dict(state["opt"][r])
-        self.versions, self.skipped = state["versions"], state["skipped"]
+        self.versions.update(state["versions"])  # in place: the episode graph holds this dict
+        self.skipped = state["skipped"]

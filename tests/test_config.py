@@ -38,3 +38,27 @@ def test_every_field_is_documented():
             else:
                 assert f.description, f"{model.__name__}.{name} has no description"
     walk(RunConfig)
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (["curriculum.fresh_fraction=0.8", "curriculum.replay_fraction=0.3"], "fresh_fraction + curriculum.replay_fraction"),
+    (["curriculum.min_count=5", "curriculum.max_count=4"], "curriculum.min_count"),
+    (["eval.min_count=4", "eval.max_count=3"], "eval.min_count"),
+    (["eval.n_tasks=0"], "eval.n_tasks"),
+    (["curriculum.max_count=6"], "solver"),  # mutations add a 7th number: the solver cannot certify it
+    (["eval.max_count=7"], "solver"),
+    (["curriculum.ops=+^"], "curriculum.ops"),
+])
+def test_cross_field_checks_give_one_line_errors(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        build_config({}, overrides)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_shipped_config_found_from_any_folder(tmp_path, monkeypatch):
+    from selfplay.config import config_path
+
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the shipped copy is used
+    assert config_path("configs/countdown-tiny.yaml") == DEFAULT_CONFIG
+    with pytest.raises(ConfigError, match="not found"):
+        config_path("configs/nope.yaml")

@@ -26,7 +26,7 @@ def test_routing_solved_hint_and_judge(policy):
     seen = set()
     for s in states:
         kinds = [t["kind"] for t in s["turns"]]
-        unhinted = [t for t in s["turns"] if t["group_id"].endswith(":a")]
+        unhinted = [t for t in s["turns"] if t["kind"] == "attempt" and t["hint_round"] == 0]
         assert len(unhinted) == 4 and all(t["reward"] is not None for t in s["turns"])
         if any(t["verdict"] == "solved" for t in unhinted):
             seen.add("solved")
@@ -84,3 +84,24 @@ def test_bad_template_is_a_one_line_startup_error(tmp_path):
         Prompts(tiny_config(**{"prompts.dir": str(tmp_path)}).prompts)
     with pytest.raises(ConfigError, match="template not found"):
         Prompts(tiny_config(**{"prompts.hint": "nope.j2"}).prompts)
+
+
+def test_solver_runs_off_the_event_loop():
+    # certifying an unsolvable 5-number child takes ~50 ms of pure Python: other episodes must keep
+    # running meanwhile (it used to run inside the async node and stall every episode in flight)
+    from selfplay.domains.countdown import Difficulty
+    from selfplay.domains.countdown.solver import _counts
+    from selfplay.graph import certify_child
+
+    async def main():
+        _counts.cache_clear()
+        child = Task([2, 3, 5, 7, 11], 9999)
+        check = asyncio.ensure_future(certify_child(child, Task([2, 3, 5, 7], 17), 2, Difficulty(2, 5, 1, 50, 1, 10**4)))
+        ticks = 0
+        while not check.done():
+            ticks += 1
+            await asyncio.sleep(0.001)
+        return ticks, check.result()
+
+    ticks, valid = asyncio.run(main())
+    assert valid is False and ticks >= 3

@@ -64,3 +64,32 @@ def test_micro_batches_sum_to_the_full_batch():
         full = aggregate(per_tok, mask, how, 4, 9, 3)
         parts = aggregate(per_tok[:2], mask[:2], how, 4, 9, 3) + aggregate(per_tok[2:], mask[2:], how, 4, 9, 3)
         assert parts.item() == pytest.approx(full.item())
+
+
+def test_float_noise_groups_carry_no_signal_and_singletons_never_train():
+    # Three groups whose every reward is the format credit 0.1 (sizes 3, 6, 7): the float mean of
+    # equal values is not exactly 0.1, so `std > 0` used to keep them. A singleton has no baseline.
+    rewards = [0.1] * 3 + [0.1] * 6 + [0.1] * 7 + [1.0]
+    groups = ["a"] * 3 + ["b"] * 6 + ["c"] * 7 + ["single"]
+    adv, keep = group_advantages(rewards, groups)
+    assert keep == [False] * 17 and adv == [0.0] * 17
+    adv, keep = group_advantages(rewards, groups, drop_zero_variance=False)
+    assert keep == [True] * 16 + [False]  # flat groups kept (advantage 0) when asked; the singleton never
+    assert adv == [0.0] * 17
+
+
+def test_token_and_flop_accounting_by_hand():
+    from selfplay.loop import count_tokens, flops
+    from selfplay.trainer import Row
+
+    turns = [{"role": "student", "prompt_tokens": 5, "completion_tokens": 3},
+             {"role": "student", "prompt_tokens": 5, "completion_tokens": 2},
+             {"role": "tutor", "prompt_tokens": 4, "completion_tokens": 1}]
+    rows = {"student": [Row([1] * 5, [2] * 3, 1.0)], "tutor": []}  # the tutor is frozen: nothing trained
+    c = count_tokens(turns, rows, epochs=2, ref=True)
+    # generation 8 + 7 = 15; one row of 8 tokens trained twice = 16; the KL reference reads it once = 8
+    assert c == {"samples/student": 2, "tokens/student_gen": 15, "tokens/student_train": 16, "tokens/student_ref": 8,
+                 "samples/tutor": 1, "tokens/tutor_gen": 5, "tokens/tutor_train": 0, "tokens/tutor_ref": 0}
+    f = flops(10, c)
+    # student 2·10·(15 + 8) + 6·10·16 = 460 + 960 = 1420; tutor 2·10·5 = 100
+    assert f == {"flops/student": 1420, "flops/tutor": 100, "flops/total": 1520}

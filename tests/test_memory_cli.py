@@ -18,9 +18,13 @@ def cli(*args, cwd=None):
 def run_dir(tmp_path_factory, base_path):
     out = tmp_path_factory.mktemp("cli") / "run"
     sets = cli_sets(**{"iterations": 2, "eval.n_tasks": 6, "eval.samples": 1, "eval.judge_attempts": 2,
-                       "curriculum.episodes_per_iter": 4})
-    r = cli("run", "--out", out, "--quiet", *sets)
+                       "curriculum.episodes_per_iter": 4, "logging.log_every": 1})
+    r = cli("run", "--out", out, *sets)
     assert r.returncode == 0, r.stderr[-3000:]
+    # stderr is a pipe here, so no progress bar: one plain line per iteration instead
+    lines = [x for x in r.stderr.splitlines() if x.startswith("iter ")]
+    assert [x.split(" | ")[0] for x in lines] == ["iter 1/2", "iter 2/2"], r.stderr[-2000:]
+    assert "student/solve_rate" in lines[0] and "time/samples_per_s" in lines[0]
     return out
 
 
@@ -29,6 +33,19 @@ def test_write_through_sql_is_refused_and_store_unchanged(run_dir):
     r = cli("memory", "sql", "--run", run_dir, "DELETE FROM episodes")
     assert r.returncode == 2 and "read-only" in r.stderr and "Traceback" not in r.stderr
     assert cli("memory", "sql", "--run", run_dir, "select count(*) from episodes").stdout.strip() == before == "8"
+
+
+@pytest.mark.parametrize("query,made", [
+    ("ATTACH DATABASE '{d}/x.db' AS x", "x.db"),
+    ("VACUUM INTO '{d}/copy.db'", "copy.db"),
+    ("PRAGMA user_version = 7", None),
+])
+def test_sql_cannot_attach_vacuum_into_or_create_files(run_dir, tmp_path, query, made):
+    # mode=ro alone let ATTACH + CREATE TABLE and VACUUM INTO create new database files
+    r = cli("memory", "sql", "--run", run_dir, query.format(d=tmp_path))
+    assert r.returncode == 2 and "read-only" in r.stderr and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+    assert cli("memory", "sql", "--run", run_dir, "PRAGMA user_version").stdout.strip() == "0"
 
 
 def test_stats_show_search_export(run_dir, tmp_path):

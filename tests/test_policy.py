@@ -119,3 +119,32 @@ def test_merged_generation_backend_matches_peft(policy):
     assert [o.ids for o in ours] == [r.ids for r in ref]
     for o, r in zip(ours, ref):
         assert o.logprobs == __import__("pytest").approx(r.logprobs, abs=1e-4)
+
+
+def test_row_cut_at_its_cap_gets_no_pad_as_eos(policy):
+    # pad == EOS, as in many real tokenizers (SmolLM2): row 0 is cut at 2 tokens while row 1 decodes
+    # on, so row 0 is padded with the EOS id afterwards; that pad must not become its "EOS".
+    prompts = _prompts(policy)[:2]
+    outs = sample(policy.model, prompts, max_new_tokens=[2, 12], eos_id=policy.eos_id, pad_id=policy.eos_id,
+                  temperature=0)
+    assert len(outs[1].ids) > 2, "row 1 must outlive row 0 for the test to mean anything"
+    assert len(outs[0].ids) == 2 and policy.eos_id not in outs[0].ids and outs[0].finished is False
+
+
+def test_trainer_scores_under_the_sampling_distribution(base_path):
+    # At T = 0.7 with top-k 5 the trainer used to score at T = 1 without the filter (0.1 nats/token
+    # off): the ratio to the behaviour policy was not 1 at the weights that sampled.
+    from selfplay.policy import Policy
+    from tests.conftest import tiny_config
+
+    pol = Policy(tiny_config(**{"generation.temperature": 0.7, "generation.top_k": 5}), base_path)
+    _perturb(pol, "student", 8)
+    pol.use("student")
+    prompts = _prompts(pol)
+    outs = sample(pol.model, prompts, max_new_tokens=12, eos_id=pol.eos_id, pad_id=pol.pad_id, temperature=0.7,
+                  top_k=5, generator=torch.Generator().manual_seed(0))
+    b = make_batch(prompts, [o.ids for o in outs], pol.pad_id)
+    with torch.no_grad():
+        lp = pol.logprobs(b, "student")
+    for i, o in enumerate(outs):
+        assert lp[i, : len(o.ids)].tolist() == __import__("pytest").approx(o.logprobs, abs=1e-4)

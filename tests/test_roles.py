@@ -3,7 +3,7 @@ import pytest
 from roles import TURNS
 from roles.student import attempt_reward, extract_answer
 from roles.tutor import child_is_valid, edit_size, hint_reward, judge_reward, mutate_reward, parse_child, parse_verdict
-from selfplay.domains.countdown import Task, verify
+from selfplay.domains.countdown import Difficulty, Task, verify
 
 TASK = Task([25, 3, 7], 21, id="p")
 
@@ -29,16 +29,32 @@ def test_mutate_reward_by_hand():
     assert mutate_reward(False, 0.5, -0.5, -1.0) == -1.0
 
 
+RANGE = Difficulty(2, 4, 1, 50, 1, 100)  # what `mutation_range` gives for 2-3 fresh numbers in 1..25
+
+
 def test_child_validity():
-    assert child_is_valid(parse_child("3 7 11>21"), TASK)      # 11 + 7 + 3, certified by the solver
-    assert not child_is_valid(parse_child("7 3 25>21"), TASK)  # same puzzle as the parent
-    assert not child_is_valid(parse_child("1 1>99"), TASK)     # unsolvable
-    assert not child_is_valid(parse_child("garbage"), TASK)    # malformed
+    valid = lambda text, parent=TASK, max_edit=2: child_is_valid(parse_child(text), parent, max_edit, RANGE)  # noqa: E731
+    assert valid("3 7 11>21")           # 11 + 7 + 3, certified by the solver
+    assert not valid("7 3 25>21")       # same puzzle as the parent
+    assert not valid("1 1>99")          # unsolvable
+    assert not valid("garbage")         # malformed
     # a rewrite rather than an edit: 3 numbers removed + 5 added = 8 > 2 (the tutor's reward hack)
     assert edit_size(parse_child("1 1 1 1 1>1"), TASK) == 8
-    assert not child_is_valid(parse_child("1 1 1 1 1>1"), TASK)
+    assert not valid("1 1 1 1 1>1")
     assert edit_size(parse_child("3 7 11>21"), TASK) == 2 and edit_size(parse_child("3 7 25 1>22"), TASK) == 1
-    assert not child_is_valid(parse_child("3 7 11>21"), TASK, max_edit=1)
+    assert not valid("3 7 11>21", max_edit=1)
+
+
+def test_child_must_stay_in_the_curriculum_range():
+    four = Task([25, 3, 7, 2], 23)
+    assert valid_in_range("25 3 7 2 1>24", four) is False   # 5 numbers > the range's 4 (an edit of 1)
+    assert valid_in_range("25 3 7 1>22", four) is True      # replace 2 by 1: 25 - 7 + 3 + 1
+    assert valid_in_range("25 3 51>79", TASK) is False     # 51 > 50 (edit 2, solvable: 25 + 51 + 3)
+    assert valid_in_range("25 3 7>175", TASK) is False     # target 175 > 100 (25 * 7, solvable)
+
+
+def valid_in_range(text, parent):
+    return child_is_valid(parse_child(text), parent, 2, RANGE)
 
 
 def test_judge_parse_and_reward():

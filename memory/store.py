@@ -8,8 +8,9 @@ Tables
   statistics are counts of unhinted student attempts.
 - episodes(id, iteration, task_id, parent_task_id, mutated, solved, hint_rounds, n_turns)
 - turns(id, episode_id, iteration, role, kind, adapter, adapter_version, group_id, prompt,
-  completion, parsed, verdict, reward, advantage, prompt_tokens, completion_tokens, hint_round),
-  hint_round 0 = an unhinted attempt (or a tutor turn outside hinting),
+  completion, parsed, verdict, reward, advantage, prompt_tokens, completion_tokens, hint_round, hint),
+  hint_round 0 = an unhinted attempt (or a tutor turn outside hinting), hint = the hint an attempt
+  was given,
   with full-text search over prompt + completion (`turns_fts`).
 - metrics(iteration, name, value)
 
@@ -48,9 +49,11 @@ def m001_initial(db: Database) -> None:
 
 
 @migrations()
-def m002_hint_round(db: Database) -> None:
-    """The hint round of each turn as a column (0 = unhinted), instead of a group-id suffix."""
+def m002_hints(db: Database) -> None:
+    """The hint round of each turn as a column (0 = unhinted), instead of a group-id suffix, and the
+    hint a hinted attempt was given (its completion starts with it when hints go in the response)."""
     db["turns"].add_column("hint_round", int)
+    db["turns"].add_column("hint", str)
     db.execute("update turns set hint_round = case when group_id like '%:a' then 0 else 1 end")
 
 

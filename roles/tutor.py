@@ -1,8 +1,14 @@
 """Tutor turns: hint, mutate, judge. Every reward is computed from verified student outcomes.
 
-- hint: sees the task and a failed attempt, writes a hint. Reward = the student's success rate
-  over its attempts with the hint; `hint_leak` instead when the hint alone verifies as a full
-  solution. Group: the H hints written for one failed group.
+- hint: sees the task, a failed attempt and a verified solution found by the environment's
+  exhaustive solver (environment compute: the tutor knows the answer), and writes either how many
+  of the solution's tokens to reveal (`graph.hint_form: reveal`, the tiny model) or the hint text
+  (`text`, chat models). The student's completion is forced to start with the hint. Reward = s - c * f: s = the student's success rate
+  over its `hint_attempts` continuations, f = the share of the solution's tokens the hint reveals
+  (capped at 1), c = `rewards.hint_reveal_cost`. A hint that is itself a full solution scores s = 0
+  (it taught nothing). So the tutor is paid for the least it must reveal: when a short prefix
+  suffices, revealing more costs; when the student needs more, success pays for it. Group: the H
+  hints written for one failed group.
 - mutate: sees a parent task, writes a child task. Reward = learnability 1 - p̂ of the child under
   the student when 0 < p̂ < 1 (Absolute Zero's proposer reward), `mutate_degenerate` when p̂ is 0
   or 1, `mutate_invalid` when the child is malformed, a duplicate of its parent, more than a small
@@ -22,10 +28,10 @@ from roles.student import extract_answer
 from selfplay.domains.countdown import Difficulty, Task, parse_task, solvable, verify
 
 
-def hint_reward(hint: str, task: Task, success_rate: float, leak: float) -> float:
+def hint_reward(hint: str, task: Task, success_rate: float, revealed: float, reveal_cost: float) -> float:
     if verify(hint, task.numbers, task.target).solved:
-        return leak
-    return success_rate
+        success_rate = 0.0  # a full solution is not a hint
+    return success_rate - reveal_cost * min(revealed, 1.0)
 
 
 def parse_child(text: str) -> Task | None:
@@ -71,6 +77,6 @@ def judge_reward(predicted: bool | None, solved: bool) -> float:
 
 
 _TASK = {"numbers": [3, 7, 25], "target": 21}
-HINT = Turn("tutor", "hint", extract_answer, hint_reward, {**_TASK, "attempt": "25+3=28,28-7=21"})
+HINT = Turn("tutor", "hint", extract_answer, hint_reward, {**_TASK, "attempt": "25+3=28,28-7=21", "solution": "25+3-7"})
 MUTATE = Turn("tutor", "mutate", parse_child, mutate_reward, {**_TASK, "solve_bucket": 3})
 JUDGE = Turn("tutor", "judge", parse_verdict, judge_reward, {**_TASK, "attempt": "25-7=18,18+3=21"})

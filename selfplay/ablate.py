@@ -1,13 +1,15 @@
-"""Ablation grid: variants x seeds, each cell a full run at the same budget of student samples.
+"""Ablation grid: variants x seeds, each cell a full run at the same budget.
 
 An ablation YAML is a base config plus
     variants: {name: {dotted.key: value, ...}, ...}
     seeds: [0, 1, 2]
     hard: {dotted eval overrides}   # optional: a hard held-out split evaluated after each cell
-Every cell stops at `max_student_samples` (hinted attempts count: the tutor's help is paid for in
-student samples). Results are reported at that equal student budget and, by interpolating each
-cell's eval curve, at the largest total-FLOPs budget every cell reached (tutor compute included).
-Cells with a summary.json are reused; a cell dir without one is resumed.
+Every cell stops at the base config's budget: `max_total_flops` (student + tutor model FLOPs,
+generation and training: equal compute) or `max_student_samples` (hinted attempts count).
+Results are reported at the end of each cell and, by interpolating each cell's eval curve, at the
+largest total-FLOPs budget every cell reached. The environment's solver time is reported beside
+(it is CPU work outside the model). Cells with a summary.json are reused; a cell dir without one
+is resumed.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def _interp(curve, x_index: int, x: float) -> float:
     return pts[-1][1] if pts and x >= pts[-1][0] else (pts[0][1] if pts else float("nan"))
 
 
-def run_grid(path: Path, out: Path, sets: list[str], console=None) -> str:
+def run_grid(path: Path, out: Path, sets: list[str], console=None, jobs: int = 1) -> str:
+    """Run every unfinished cell (in `jobs` processes at once), then write the table and plot."""
     from selfplay.loop import run
 
     if not Path(path).is_file():
@@ -62,18 +65,54 @@ def run_grid(path: Path, out: Path, sets: list[str], console=None) -> str:
             cfgs[name, seed] = build_config(spec, list(sets) + [f"{k}={json.dumps(v)}" for k, v in (ov or {}).items()]
                                             + [f"seed={seed}"])
     out.mkdir(parents=True, exist_ok=True)
+    todo = [(k, cfg) for k, cfg in cfgs.items() if _cell_summary(out / k[0] / f"seed{k[1]}") is None]
+    if jobs > 1:
+        _run_parallel([(out / n / f"seed{s}", cfg) for (n, s), cfg in todo], jobs, console)
+    for (name, seed), cfg in todo if jobs == 1 else []:
+        d = out / name / f"seed{seed}"
+        if console:
+            console.print(f"[bold]cell[/bold] {name} seed {seed}")
+        run(cfg, d, resume=(d / "config.yaml").is_file(), console=console)
     for (name, seed), cfg in cfgs.items():
         d = out / name / f"seed{seed}"
-        if _cell_summary(d) is None:
-            if console:
-                console.print(f"[bold]cell[/bold] {name} seed {seed}")
-            run(cfg, d, resume=(d / "config.yaml").is_file(), console=console)
         if hard and not (d / "eval_hard.json").is_file():
             _eval_hard(cfg, d, hard)
     table = results_table(out, list(variants), seeds, hard is not None)
     (out / "results.md").write_text(table)
     plot_grid(out, list(variants), seeds)
     return table
+
+
+def _run_parallel(cells: list[tuple[Path, object]], jobs: int, console=None) -> None:
+    """Each cell in its own `selfplay run --resume DIR` process (its config.yaml written first; a
+    fresh dir resumes from iteration 0), `jobs` at a time, each with model.threads as configured."""
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    procs: list = []
+    pending = list(cells)
+    while pending or procs:
+        while pending and len(procs) < jobs:
+            d, cfg = pending.pop(0)
+            d.mkdir(parents=True, exist_ok=True)
+            if not (d / "config.yaml").is_file():
+                (d / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            if console:
+                console.print(f"[bold]cell[/bold] {d}")
+            log = open(d / "run.log", "a")
+            procs.append((d, log, subprocess.Popen([sys.executable, "-m", "selfplay.cli", "run", "--resume", str(d)],
+                                                   stdout=log, stderr=subprocess.STDOUT)))
+        time.sleep(1)
+        for item in list(procs):
+            d, log, p = item
+            if p.poll() is not None:
+                log.close()
+                procs.remove(item)
+                if p.returncode != 0:
+                    raise RuntimeError(f"cell {d} failed (exit {p.returncode}); see {d / 'run.log'}")
 
 
 def _eval_hard(cfg, d: Path, hard: dict) -> None:
@@ -106,9 +145,9 @@ def results_table(out: Path, variants: list[str], seeds: list[int], hard: bool) 
     sums = {k: _cell_summary(d) for k, d in cells.items()}
     curves = {k: _curve(d) for k, d in cells.items()}
     f_star = min(s["flops"]["flops/total"] for s in sums.values())  # every cell reached this much compute
-    head = ["variant", "sampled solve (after)", "greedy solve (after)", f"solve @ {f_star:.2e} FLOPs",
-            "student samples", "tutor samples", "student TFLOPs", "tutor TFLOPs", "judge balanced acc", "hinted solve rate",
-            "mutation validity"]
+    head = ["variant", "sampled solve (after)", "non-flat solve (after)", "greedy solve (after)",
+            f"solve @ {f_star:.2e} FLOPs", "student samples", "tutor samples", "student TFLOPs", "tutor TFLOPs",
+            "solver s", "hinted solve rate", "hint revealed", "judge balanced acc", "mutation validity"]
     if hard:
         head.append("hard split solve")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -116,14 +155,18 @@ def results_table(out: Path, variants: list[str], seeds: list[int], hard: bool) 
     for v in variants:
         S = [sums[v, s] for s in seeds]
         metrics = [_metric_means(cells[v, s]) for s in seeds]
-        row = [v, _fmt([x["after"]["solve_rate"] for x in S]), _fmt([x["after"]["greedy_solve_rate"] for x in S]),
+        row = [v, _fmt([x["after"]["solve_rate"] for x in S]),
+               _fmt([x["after"].get("solve_rate_nonflat", float("nan")) for x in S]),
+               _fmt([x["after"]["greedy_solve_rate"] for x in S]),
                _fmt([_interp(curves[v, s], 1, f_star) for s in seeds]),
                f"{sum(x['totals']['samples/student'] for x in S) / len(S):.0f}",
                f"{sum(x['totals']['samples/tutor'] for x in S) / len(S):.0f}",
                f"{sum(x['flops']['flops/student'] for x in S) / len(S) / 1e12:.2f}",
                f"{sum(x['flops']['flops/tutor'] for x in S) / len(S) / 1e12:.2f}",
-               _fmt([x["after"].get("judge_balanced_accuracy", float("nan")) for x in S]),
+               f"{sum(x.get('env', {}).get('solver_seconds', 0.0) for x in S) / len(S):.1f}",
                _fmt([m.get("student/hinted_solve_rate", float("nan")) for m in metrics]),
+               _fmt([m.get("tutor/hint_revealed", float("nan")) for m in metrics]),
+               _fmt([x["after"].get("judge_balanced_accuracy", float("nan")) for x in S]),
                _fmt([m.get("tutor/mutate_valid_rate", float("nan")) for m in metrics])]
         if hard:
             row.append(_fmt([json.loads((cells[v, s] / "eval_hard.json").read_text())["solve_rate"] for s in seeds]))

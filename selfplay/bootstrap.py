@@ -17,7 +17,8 @@ but well-formed completion, so the prior is "syntactically valid, semantically r
   parenthesised tree, `(25-7)*3`. The target is independent of it (except `aim_fraction` of the
   time), so the prior does not aim: it solves a task only by chance. With a hint `a op b` in the
   prompt, the answer starts with the hint (or contains it as a subtree), so hints work from step 0.
-- hint: a random `a op b` over two of the numbers.
+- hint: a random count of the given solution's tokens to reveal (1 .. all but one), so the tutor
+  knows the form from step 0 and RL decides how much to reveal (`graph.hint_form: reveal`).
 - mutate: one random edit of the parent (add / remove / replace a number, or a new target).
 - judge: a random verdict, Y or N.
 
@@ -31,6 +32,7 @@ import hashlib
 import json
 import math
 import random
+import re
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -40,10 +42,10 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from selfplay.config import BootstrapCfg, asset_dir
-from selfplay.domains.countdown import Difficulty, Task, generate_task, random_expr, verify
+from selfplay.domains.countdown import Difficulty, Task, random_expr, verify
 from selfplay.tokenizer import build_tokenizer
 
-FORMAT_VERSION = 3  # bump when the tokenizer or corpus changes, so stale cached bases are not reused
+FORMAT_VERSION = 5  # bump when the tokenizer or corpus changes, so stale cached bases are not reused
 
 
 def base_dir(cfg: BootstrapCfg, cache_dir: str) -> Path:
@@ -53,7 +55,11 @@ def base_dir(cfg: BootstrapCfg, cache_dir: str) -> Path:
 
 
 def _task(rng: random.Random, cfg: BootstrapCfg) -> Task:
-    return generate_task(rng, Difficulty(2, cfg.max_count, 1, cfg.max_value, 1, 100))
+    """Numbers as in training; the target uniform in 1..100 and independent of them: the prior never
+    aims, so a target is only prompt text to it (and reachable-target draws of 5 numbers would cost
+    ~70 ms each, minutes over the corpus)."""
+    k = rng.randint(2, cfg.max_count)
+    return Task([rng.randint(1, cfg.max_value) for _ in range(k)], rng.randint(1, 100))
 
 
 def _flat(numbers: list[int], rng: random.Random, prefix: str = "") -> str:
@@ -96,8 +102,10 @@ def example(kind: str, rng: random.Random, cfg: BootstrapCfg) -> tuple[dict, str
             if val is not None and val.denominator == 1 and val > 0:
                 v["target"] = int(val)
         return {**v, "hint": hint}, text
-    if kind == "hint":
-        return {**v, "attempt": attempt_text(t.numbers, rng, cfg)}, _pair(t.numbers, rng)[0]
+    if kind == "hint":  # the form only: how many tokens of the given solution to reveal, at random
+        solution = attempt_text(t.numbers, rng, cfg)
+        n_tokens = len(re.findall(r"\d+|.", solution))  # the embedded tokenizer's tokens
+        return {**v, "attempt": attempt_text(t.numbers, rng, cfg), "solution": solution}, str(rng.randint(1, n_tokens - 1))
     if kind == "mutate":
         nums, target = list(t.numbers), t.target
         op = rng.choice(["add", "remove", "replace", "retarget"])

@@ -137,12 +137,14 @@ def bootstrap(config: Optional[Path] = typer.Option(None, help="YAML config (its
 @app.command()
 def ablate(config: Path = typer.Option(..., help="Ablation YAML: a base config plus `variants` and `seeds`."),
            out: Optional[Path] = typer.Option(None, help="Output dir (default: runs/ablate-<name>)."),
-           set: List[str] = typer.Option([], "--set", help="Override applied to every cell.")):
-    """Run a grid of variants x seeds at equal student-sample budgets; write a table and plots."""
+           set: List[str] = typer.Option([], "--set", help="Override applied to every cell."),
+           jobs: int = typer.Option(1, min=1, help="Cells run at once, each in its own process (give each "
+                                                    "--set model.threads=1 on 2 cores).")):
+    """Run a grid of variants x seeds at equal budgets; write a table and plots."""
     from selfplay.ablate import run_grid
 
     try:
-        res = run_grid(config, out or RUNS / f"ablate-{config.stem}", set, console)
+        res = run_grid(config, out or RUNS / f"ablate-{config.stem}", set, console, jobs)
     except USER_ERRORS as e:
         _fail(str(e).splitlines()[0])
     print(res)

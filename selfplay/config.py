@@ -90,10 +90,15 @@ class GenerationCfg(Section):
 
 class GraphCfg(Section):
     group_size: int = Field(8, ge=2, description="G: student attempts per prompt (one GRPO group).")
-    hint: bool = Field(True, description="Tutor writes hints when every attempt in a group failed.")
-    hints_per_round: int = Field(2, ge=1, description="H: hints sampled per failed group (the hint GRPO group).")
-    hint_attempts: int = Field(4, ge=1, description="Student attempts per hint; their success rate is the hint's reward.")
+    hint: bool = Field(True, description="Give hints when every unhinted attempt in a group failed (the environment's solver supplies a verified solution first).")
+    hint_source: Literal["tutor", "schedule", "solution"] = Field("tutor", description="Who writes a hint: the tutor (sees the task, a failed attempt and the solver's solution; learns how much to reveal), a fixed schedule (a prefix of the solution whose share anneals by cosine from `schedule_start` to 0 at `schedule_end` of the run: UFT's baseline), or the whole solution (with `trainer.hint_nll`: SFT on the solver's solutions).")
+    hint_form: Literal["reveal", "text"] = Field("reveal", description="What a tutor hint is: reveal = the tutor writes how many tokens of the solver's solution to reveal (a number; the hint is that prefix, so it is always correct; the tiny model's form), text = the tutor writes the hint text itself (chat models).")
+    hint_place: Literal["response", "prompt"] = Field("response", description="response: the hint tokens are teacher-forced as the start of the student's completion, which samples the rest (UFT/BREAD; transfers to unhinted evaluation); prompt: the hint is text in the attempt prompt.")
+    hints_per_round: int = Field(2, ge=1, description="H: hints per failed group (the tutor's hint GRPO group; 1 for schedule/solution sources).")
+    hint_attempts: int = Field(4, ge=1, description="Student attempts per hint; their success rate drives the hint's reward and the hinted GRPO group.")
     hint_rounds: int = Field(1, ge=0, description="Budget of hint rounds per episode (the router stops after it).")
+    schedule_start: float = Field(0.75, ge=0, le=1, description="hint_source=schedule: share of the solution's tokens revealed at the start of the run.")
+    schedule_end: float = Field(0.7, gt=0, le=1, description="hint_source=schedule: share of the run (its iteration, sample or FLOP budget) at which the revealed share reaches 0.")
     mutate: bool = Field(True, description="Tutor mutates the parent task at the start of curriculum episodes marked for mutation.")
     mutate_max_edit: int = Field(2, ge=0, description="Largest valid mutation: numbers added + removed vs the parent (replace = 2).")
     judge: bool = Field(True, description="Tutor judges student attempts (reward: agreement with the verifier).")
@@ -106,7 +111,7 @@ class RewardsCfg(Section):
     format_credit: float = Field(0.1, description="Student reward for a well-formed, arithmetically valid but wrong answer.")
     mutate_degenerate: float = Field(-0.5, description="Mutate reward when the student solves the child always or never (p̂ ∈ {0, 1}).")
     mutate_invalid: float = Field(-1.0, description="Mutate reward for a malformed, unsolvable (by the solver) or duplicate child.")
-    hint_leak: float = Field(0.0, description="Hint reward when the hint alone is a full solution.")
+    hint_reveal_cost: float = Field(0.25, ge=0, description="Hint reward = hinted success rate - cost x share of the solution's tokens revealed: the tutor is paid for the least it must reveal. A hint that is itself a full solution counts as a failure.")
 
 
 class TrainerCfg(Section):
@@ -122,7 +127,8 @@ class TrainerCfg(Section):
     drop_zero_variance: bool = Field(True, description="Skip groups whose rewards are all equal (no signal).")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping per adapter.")
     train_tutor: bool = Field(True, description="Update the tutor adapter (False freezes it: tutor = base + frozen adapter).")
-    train_on_hinted: bool = Field(True, description="Student groups on hinted prompts are trained too (the prompt keeps the hint).")
+    train_on_hinted: bool = Field(True, description="Student groups of hinted attempts are trained too (GRPO on the sampled continuation; with hint_place=prompt the prompt keeps the hint).")
+    hint_nll: float = Field(0.1, ge=0, description="λ: NLL on the teacher-forced hint tokens of hinted attempts that solved the task (hint_place=response), added to the student's loss.")
     epochs: int = Field(1, ge=1, description="Gradient steps per batch; >1 makes the ratio clip active (PPO-style reuse).")
     micro_batch: int = Field(256, ge=1, description="Rows per forward/backward (gradients are accumulated).")
 
@@ -159,7 +165,7 @@ class EvalCfg(Section):
 class PromptsCfg(Section):
     dir: str = Field("tiny", description="Folder under prompts/ (tiny = the embedded model's format, chat = natural language), or an absolute path.")
     attempt: str = Field("attempt.j2", description="Student attempt template.")
-    hint: str = Field("hint_step.j2", description="Tutor hint template.")
+    hint: str = Field("hint_step.j2", description="Tutor hint template (variables: numbers, target, attempt, solution).")
     mutate: str = Field("mutate_edit.j2", description="Tutor mutate template.")
     judge: str = Field("judge.j2", description="Tutor judge template.")
 
@@ -176,6 +182,7 @@ class RunConfig(Section):
     seed: int = Field(0, description="Seed of curriculum, sampling and adapter init.")
     iterations: int = Field(200, ge=1, description="Iterations to run (one iteration = episodes -> rewards -> updates).")
     max_student_samples: int | None = Field(None, description="Stop once this many student samples were drawn (equal-budget ablations).")
+    max_total_flops: float | None = Field(None, gt=0, description="Stop once student + tutor model FLOPs (generation and training) reach this: equal-compute comparisons. The environment's solver time is logged apart (env/solver_seconds).")
     model: ModelCfg = ModelCfg()
     bootstrap: BootstrapCfg = BootstrapCfg()
     lora: LoraCfg = LoraCfg()

@@ -3,6 +3,9 @@
 - sampled solve rate: k samples per task at the rollout temperature; greedy solve rate: one
   argmax decode per task. Both are means over tasks of the per-task solve fraction, with the
   standard error over tasks (tasks are the unit of sampling), broken down by number count.
+- how honest the task set is: the share solved by the plain sum of the numbers and by some flat
+  `+`/`-` expression, and the sampled solve rate on the tasks no flat `+`/`-` expression solves
+  (the shortcut a non-aiming prior finds by habit).
 - failure reasons of the sampled attempts (wrong_value / bad_arithmetic / ...).
 - judge accuracy: the tutor's greedy verdict on student attempts against the verifier.
 `compare` gives the paired (same tasks) difference between two evaluations with its SE.
@@ -15,7 +18,7 @@ from collections import Counter, defaultdict
 
 from roles import TURNS
 from selfplay.config import EvalCfg, RunConfig
-from selfplay.domains.countdown import Difficulty, Task, generate_tasks, verify
+from selfplay.domains.countdown import Difficulty, Task, flat_solvable, generate_tasks, verify
 from selfplay.prompts import Prompts
 
 
@@ -65,10 +68,15 @@ def evaluate(policy, backend, prompts: Prompts, tasks: list[Task], cfg: RunConfi
     by_count = defaultdict(list)
     for t, s in zip(tasks, sampled):
         by_count[len(t.numbers)].append(s)
+    flat = [flat_solvable(t.numbers, t.target) for t in tasks]
+    nonflat = [s for s, f in zip(sampled, flat) if not f]
     total = sum(reasons.values())
     out = {"n_tasks": len(tasks), "samples": k, "solve_rate": m, "solve_rate_se": se,
            "greedy_solve_rate": gm, "greedy_solve_rate_se": gse,
            "by_count": {str(c): _mean_se(v)[0] for c, v in sorted(by_count.items())},
+           "share_sum_solvable": sum(sum(t.numbers) == t.target for t in tasks) / len(tasks),
+           "share_flat_solvable": sum(flat) / len(tasks),
+           "solve_rate_nonflat": _mean_se(nonflat)[0], "solve_rate_nonflat_se": _mean_se(nonflat)[1],
            "reasons": {r: n / total for r, n in reasons.items()}, "per_task": sampled}
     n_judge = cfg.eval.judge_attempts if judge_attempts is None else judge_attempts
     if n_judge and not base:

@@ -2,25 +2,37 @@
 
     START ─► [mutate] ─► attempt ─► verify ─┬─ solved / no hint budget ─► [judge] ─► END
                tutor      student ×G         │
-                             ▲               └─ all failed, hint rounds left ─► hint (tutor ×H)
-                             └───────────────────────────────────────────────────────┘
+                             ▲               └─ all failed, hint rounds left ─► hint ─┐
+                             └──────────────────────── (hints given) ◄─────────────────┘
                                     (hinted round: `hint_attempts` student samples per hint)
 
-Nodes are async and await the shared `Generator`, whose micro-batcher fuses the model calls of all
-episodes in flight. The router enforces the budgets (`hint_rounds`), so LangGraph's recursion limit
-is never what stops an episode. Token ids flow through the state with each turn; nothing is
-re-tokenised. Every turn record carries its reward when the episode ends; advantages are added by
-the loop, which sees the groups that span episodes (mutations of one parent).
+Hints (`graph.hint_*`): when every unhinted attempt failed, the environment's exhaustive solver
+finds a verified solution (environment compute, counted in `env`). The hint comes from the tutor,
+who sees the solution and chooses how much of it to reveal (`hint_source: tutor`; `hint_form:
+reveal` = it writes the number of solution tokens to show, `text` = it writes the hint), or is a
+prefix of the solution of scheduled length (`schedule`), or the whole solution (`solution`). With
+`hint_place: response` the hint tokens are teacher-forced as the start of the student's completion
+and the student samples the rest from the plain task prompt, so what it learns is how to continue
+a solution it will have to start alone at evaluation; with `prompt` the hint is prompt text.
 
-Rewards (roles/): attempt = verifier outcome; hint = success rate of its hinted attempts;
-mutate = learnability of the child under the student's unhinted attempts; judge = agreement
+Nodes are async and await the shared `Generator`, whose micro-batcher fuses the model calls of all
+episodes in flight; the solver runs in worker threads. The router enforces the budgets
+(`hint_rounds`), so LangGraph's recursion limit is never what stops an episode. Token ids flow
+through the state with each turn; nothing is re-tokenised. Every turn record carries its reward
+when the episode ends; advantages are added by the loop, which sees the groups that span episodes
+(mutations of one parent).
+
+Rewards (roles/): attempt = verifier outcome; hint = hinted success rate minus the revealed share's
+cost; mutate = learnability of the child under the student's unhinted attempts; judge = agreement
 with the verifier.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
+import time
 from typing import TypedDict
 
 from langgraph.graph import END, START, StateGraph
@@ -29,7 +41,7 @@ from roles import TURNS
 from roles.tutor import child_is_valid
 from selfplay.config import RunConfig
 from selfplay.curriculum import mutation_range
-from selfplay.domains.countdown import Difficulty, Task, verify
+from selfplay.domains.countdown import Difficulty, Task, solve, verify
 from selfplay.generator import Generator, Sample
 from selfplay.prompts import Prompts
 
@@ -37,10 +49,12 @@ from selfplay.prompts import Prompts
 class EpisodeState(TypedDict, total=False):
     episode_id: str
     iteration: int
+    progress: float  # share of the run's budget spent before this iteration (the hint schedule reads it)
     task: Task  # the task given by the curriculum (the parent when mutating)
     mutate: bool  # start with a tutor mutation of `task`
     mutate_group: str  # GRPO group of the mutate turn (children of one parent)
     current: Task  # the task the student attempts
+    solution: str | None  # the solver's solution of `current`, fetched when a group first fails
     hints: list[str]  # hints of the current round ([] in round 0)
     hint_round: int
     solved: bool  # an unhinted attempt solved the task
@@ -57,10 +71,18 @@ def _turn(s: EpisodeState, role: str, kind: str, group: str, smp: Sample, prompt
           version: int, parsed, hint_round: int = 0) -> dict:
     return {"episode_id": s["episode_id"], "iteration": s["iteration"], "role": role, "kind": kind,
             "adapter": adapter, "adapter_version": version, "group_id": group, "hint_round": hint_round,
-            "prompt": prompt, "behaviour_logprobs": smp.logprobs,
+            "hint": None, "forced": 0, "prompt": prompt, "behaviour_logprobs": smp.logprobs,
             "completion": smp.text, "parsed": None if parsed is None else str(parsed), "verdict": None,
             "reward": None, "advantage": None, "prompt_tokens": len(smp.prompt_ids),
             "completion_tokens": len(smp.ids), "prompt_ids": smp.prompt_ids, "completion_ids": smp.ids}
+
+
+def _forced_turn(turn: dict, prompt_ids: list[int], forced: list[int], smp: Sample, text: str, hint: str) -> dict:
+    """A hinted attempt whose completion starts with teacher-forced hint tokens: the completion is
+    forced + sampled, with behaviour log-probs only for the sampled part (0 stands in for the rest)."""
+    return {**turn, "hint": hint, "forced": len(forced), "prompt_ids": prompt_ids, "prompt_tokens": len(prompt_ids),
+            "completion_ids": forced + smp.ids, "completion_tokens": len(forced) + len(smp.ids),
+            "behaviour_logprobs": [0.0] * len(forced) + smp.logprobs, "completion": text}
 
 
 async def certify_child(child: Task | None, parent: Task, max_edit: int, bounds: Difficulty) -> bool:
@@ -69,20 +91,39 @@ async def certify_child(child: Task | None, parent: Task, max_edit: int, bounds:
     return await asyncio.to_thread(child_is_valid, child, parent, max_edit, bounds)
 
 
+def schedule_share(progress: float, start: float, end: float) -> float:
+    """UFT's cosine schedule: the share of the solution revealed, `start` at progress 0, 0 from `end` on."""
+    if progress >= end:
+        return 0.0
+    return start * 0.5 * (1 + math.cos(math.pi * progress / end))
+
+
 def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict[str, int],
-                heldout: set[str] = frozenset()):
-    """Compile the episode graph. `versions` is read live (adapter version per role, for the record)."""
+                heldout: set[str] = frozenset(), env: dict | None = None):
+    """Compile the episode graph. `versions` is read live (adapter version per role, for the record);
+    `env` accumulates the environment's compute (solver calls and seconds)."""
     g, rw = cfg.graph, cfg.rewards
     pol = gen.policy
     student_cap, tutor_cap = cfg.generation.max_new_tokens, cfg.generation.tutor_max_new_tokens
     bounds = mutation_range(cfg.curriculum)
+    env = env if env is not None else {}
 
     def vars_of(t: Task) -> dict:
         return {"numbers": t.numbers, "target": t.target}
 
+    def tokens(text: str) -> list[int]:
+        return pol.tokenizer(text, add_special_tokens=False)["input_ids"]
+
     async def ask(role: str, kind: str, n: int, cap: int, **vars) -> tuple[str, list[Sample]]:
         text = prompts.render(kind, **vars)
         return text, await gen.generate(role, pol.encode(text), n, cap)
+
+    async def solution_of(t: Task) -> str | None:
+        t0 = time.perf_counter()
+        sol = await asyncio.to_thread(solve, t.numbers, t.target, False)
+        env["solver_calls"] = env.get("solver_calls", 0) + 1
+        env["solver_seconds"] = env.get("solver_seconds", 0.0) + time.perf_counter() - t0
+        return sol.expr
 
     async def mutate(s: EpisodeState) -> dict:
         parent = s["task"]
@@ -97,16 +138,34 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
             child.id, child.parent, child.source = f"{s['episode_id']}/child", parent.id, "tutor"
         return {"current": child if valid else parent, "turns": s["turns"] + [turn]}
 
+    async def hinted_attempts(s: EpisodeState, j: int, hint: str) -> list[dict]:
+        t, r = s["current"], s["hint_round"]
+        group, parse = f"{s['episode_id']}:h{r}.{j}", TURNS["attempt"].parse
+        meta = ("student", "attempt", group)
+        if g.hint_place == "prompt":
+            text, samples = await ask("student", "attempt", g.hint_attempts, student_cap, **vars_of(t), hint=hint)
+            return [_turn(s, *meta, smp, text, pol.adapters["student"], versions["student"], parse(smp.text), r)
+                    | {"hint": hint} for smp in samples]
+        text = prompts.render("attempt", **vars_of(t), hint=None)
+        prompt_ids, forced = pol.encode(text), tokens(hint)
+        cap = max(1, student_cap - len(forced))
+        samples = await gen.generate("student", prompt_ids + forced, g.hint_attempts, cap)
+        out = []
+        for smp in samples:
+            full = pol.decode(forced + smp.ids)
+            turn = _turn(s, *meta, smp, text, pol.adapters["student"], versions["student"], parse(full), r)
+            out.append(_forced_turn(turn, prompt_ids, forced, smp, full, hint))
+        return out
+
     async def attempt(s: EpisodeState) -> dict:
         t, r = s["current"], s["hint_round"]
-        hints = s["hints"] if r > 0 else [None]
-        n = g.group_size if r == 0 else g.hint_attempts
-        asks = [ask("student", "attempt", n, student_cap, **vars_of(t), hint=h) for h in hints]
-        new = []
-        for j, (text, samples) in enumerate(await asyncio.gather(*asks)):
-            group = f"{s['episode_id']}:a" if r == 0 else f"{s['episode_id']}:h{r}.{j}"
-            new += [_turn(s, "student", "attempt", group, smp, text, pol.adapters["student"],
-                          versions["student"], TURNS["attempt"].parse(smp.text), r) for smp in samples]
+        if r == 0:
+            text, samples = await ask("student", "attempt", g.group_size, student_cap, **vars_of(t), hint=None)
+            new = [_turn(s, "student", "attempt", f"{s['episode_id']}:a", smp, text, pol.adapters["student"],
+                         versions["student"], TURNS["attempt"].parse(smp.text)) for smp in samples]
+        else:
+            new = [x for xs in await asyncio.gather(*(hinted_attempts(s, j, h) for j, h in enumerate(s["hints"])))
+                   for x in xs]
         return {"turns": s["turns"] + new}
 
     def verify_node(s: EpisodeState) -> dict:
@@ -132,17 +191,35 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
                 x = turns[i]
                 grp = f"{s['episode_id']}:h{r}.{j}"
                 rate = sum(a["verdict"] == "solved" for a in turns if a["group_id"] == grp) / g.hint_attempts
-                turns[i] = {**x, "reward": TURNS["hint"].reward(x["parsed"] or "", t, rate, rw.hint_leak)}
+                turns[i] = {**x, "reward": TURNS["hint"].reward(x["hint"], t, rate, x["revealed"], rw.hint_reveal_cost)}
         return out
 
     async def hint(s: EpisodeState) -> dict:
         t, r = s["current"], s["hint_round"] + 1
+        solution = s.get("solution") or await solution_of(t)
+        if solution is None:  # unsolvable (a user's task file): nothing to reveal
+            return {"hint_round": r, "hints": [], "solution": None}
+        sol_tokens = tokens(solution)
+        if g.hint_source == "solution":
+            return {"hint_round": r, "hints": [solution], "solution": solution}
+        if g.hint_source == "schedule":
+            k = math.floor(schedule_share(s.get("progress", 0.0), g.schedule_start, g.schedule_end) * len(sol_tokens))
+            return {"hint_round": r, "hints": [pol.decode(sol_tokens[:k])] if k else [], "solution": solution}
         failed = [x for x in s["turns"] if x["kind"] == "attempt" and x["verdict"] != "solved"]
         text, samples = await ask("tutor", "hint", g.hints_per_round, tutor_cap, **vars_of(t),
-                                  attempt=failed[-1]["parsed"] or failed[-1]["completion"])
-        new = [_turn(s, "tutor", "hint", f"{s['episode_id']}:H{r}", smp, text, pol.adapters["tutor"],
-                     versions["tutor"], TURNS["hint"].parse(smp.text), r) for smp in samples]
-        return {"turns": s["turns"] + new, "hint_round": r, "hints": [x["parsed"] for x in new]}
+                                  attempt=failed[-1]["parsed"] or failed[-1]["completion"], solution=solution)
+        new = []
+        for smp in samples:
+            turn = _turn(s, "tutor", "hint", f"{s['episode_id']}:H{r}", smp, text, pol.adapters["tutor"],
+                         versions["tutor"], TURNS["hint"].parse(smp.text), r)
+            if g.hint_form == "reveal":  # the tutor chose how many solution tokens to show
+                k = int(turn["parsed"]) if turn["parsed"].isdigit() else 0
+                turn["hint"] = pol.decode(sol_tokens[: min(k, len(sol_tokens))])
+            else:
+                turn["hint"] = turn["parsed"]
+            turn["revealed"] = len(tokens(turn["hint"])) / max(len(sol_tokens), 1)
+            new.append(turn)
+        return {"turns": s["turns"] + new, "hint_round": r, "hints": [x["hint"] for x in new], "solution": solution}
 
     async def judge(s: EpisodeState) -> dict:
         t = s["current"]
@@ -169,10 +246,16 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
     def start_route(s: EpisodeState) -> str:
         return "mutate" if s.get("mutate") and g.mutate else "attempt"
 
+    def end_route(s: EpisodeState) -> str:
+        return "judge" if g.judge and g.judge_attempts > 0 else END
+
     def after_verify(s: EpisodeState) -> str:
         if not s["solved_round"] and g.hint and s["hint_round"] < g.hint_rounds:
             return "hint"
-        return "judge" if g.judge and g.judge_attempts > 0 else END
+        return end_route(s)
+
+    def after_hint(s: EpisodeState) -> str:
+        return "attempt" if s["hints"] else end_route(s)
 
     sg = StateGraph(EpisodeState)
     sg.add_node("mutate", mutate)
@@ -184,14 +267,15 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
     sg.add_edge("mutate", "attempt")
     sg.add_edge("attempt", "verify")
     sg.add_conditional_edges("verify", after_verify, ["hint", "judge", END])
-    sg.add_edge("hint", "attempt")
+    sg.add_conditional_edges("hint", after_hint, ["attempt", "judge", END])
     sg.add_edge("judge", END)
     return sg.compile()
 
 
-def episode_input(episode_id: str, iteration: int, task: Task, mutate_group: str | None) -> EpisodeState:
-    return {"episode_id": episode_id, "iteration": iteration, "task": task, "current": task,
-            "mutate": mutate_group is not None, "mutate_group": mutate_group or "", "hints": [],
+def episode_input(episode_id: str, iteration: int, task: Task, mutate_group: str | None,
+                  progress: float = 0.0) -> EpisodeState:
+    return {"episode_id": episode_id, "iteration": iteration, "progress": progress, "task": task, "current": task,
+            "mutate": mutate_group is not None, "mutate_group": mutate_group or "", "solution": None, "hints": [],
             "hint_round": 0, "solved": False, "solved_round": False, "turns": []}
 
 

@@ -15,6 +15,10 @@ Variant (defaults in `TrainerCfg`):
   epoch 1 and the clip matters with `epochs > 1` or a stale sampler.
 - Optional KL to the reference (base with adapters disabled), k3 estimator per token:
   KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1, added as kl_coef * KL_t.
+- Teacher-forced hint tokens (a hint placed at the start of the student's completion) are not the
+  policy's samples: no ratio, no advantage. They get an NLL term instead, on rows whose sampled
+  continuation solved the task: L = L_pg(sampled tokens) + λ · mean NLL(forced tokens of those
+  rows) (`trainer.hint_nll`; UFT/BREAD's supervised term on the given prefix).
 - Aggregation: "token" = sum over all completion tokens / their count (DAPO); "sequence" = mean
   over tokens per sequence, then mean over sequences (original GRPO); "dr_grpo" = sum over tokens /
   (rows * max_new_tokens) (Dr.GRPO's constant normaliser, no length bias).
@@ -83,3 +87,17 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str, n_rows: int
     if how == "dr_grpo":
         return masked.sum() / (max(n_rows, 1) * max_tokens)
     raise ValueError(f"unknown aggregation {how!r}")
+
+
+def split_masks(completion_mask: torch.Tensor, forced: torch.Tensor, nll_rows: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C) masks of the sampled tokens (policy-gradient) and of the teacher-forced tokens that
+    get the NLL term. forced: (B,) leading forced tokens per row; nll_rows: (B,) bool."""
+    cols = torch.arange(completion_mask.shape[1], device=completion_mask.device)[None, :]  # (1, C)
+    is_forced = (cols < forced[:, None]).to(completion_mask.dtype)  # (B, C)
+    return completion_mask * (1 - is_forced), completion_mask * is_forced * nll_rows[:, None].to(completion_mask.dtype)
+
+
+def nll(logprobs: torch.Tensor, mask: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Sum of -logprob over the masked tokens / `n_tokens` (the full batch's count of such tokens)."""
+    return -(logprobs * mask).sum() / max(n_tokens, 1)

@@ -7,10 +7,11 @@
 Compute accounting (for equal-compute comparisons, tutor included): generation costs 2·N FLOPs
 per token (prompt and completion), training 6·N per token of every row in the update and epoch,
 the KL reference forward 2·N per trained token, with N the base's parameter count. A frozen role
-costs no training FLOPs. The run stops at `iterations` or at `max_student_samples`.
+costs no training FLOPs.
 
 Crash safety: memory holds whole iterations only; checkpoints (adapters, optimizers, RNG states,
-curriculum, counters) are written every `checkpoint_every` iterations by rename. `resume` restores
+curriculum, counters) are written every `checkpoint_every` iterations by rename. The run stops at
+`iterations`, `max_student_samples` or `max_total_flops`, whichever comes first. `resume` restores
 the checkpoint and drops memory rows written after it, then replays those iterations.
 """
 
@@ -42,7 +43,7 @@ class RunError(RuntimeError):
     """A user-facing problem with the run directory (one-line message)."""
 
 
-DB_FIELDS = ("episode_id", "iteration", "role", "kind", "adapter", "adapter_version", "group_id", "hint_round", "prompt",
+DB_FIELDS = ("episode_id", "iteration", "role", "kind", "adapter", "adapter_version", "group_id", "hint_round", "hint", "prompt",
              "completion", "parsed", "verdict", "reward", "advantage", "prompt_tokens", "completion_tokens")
 
 
@@ -82,8 +83,9 @@ class SelfPlay:
         self.heldout = heldout_tasks(cfg.eval)
         self.curriculum = Curriculum(cfg, {t.key for t in self.heldout})
         self.trainer = Trainer(self.policy, cfg)
+        self.env = {"solver_calls": 0, "solver_seconds": 0.0}  # the environment's compute (cumulative)
         self.graph = build_graph(cfg, self.gen, self.prompts, self.trainer.versions,
-                                 {t.key for t in self.heldout})
+                                 {t.key for t in self.heldout}, self.env)
         self.store = EpisodeStore(out / "memory.db")
         self.totals = {f"{k}/{r}{s}": 0 for r in ("student", "tutor")
                        for k, s in (("samples", ""), ("tokens", "_gen"), ("tokens", "_train"), ("tokens", "_ref"))}
@@ -97,7 +99,8 @@ class SelfPlay:
         # 1. sample tasks
         assignments = self.curriculum.next(it)
         # 2. run episodes: rollouts, verification and every turn's reward happen in the graph
-        inputs = [episode_input(f"{it}.{k}", it, a.task, a.mutate_group) for k, a in enumerate(assignments)]
+        inputs = [episode_input(f"{it}.{k}", it, a.task, a.mutate_group, self.progress(it))
+                  for k, a in enumerate(assignments)]
         gen_s0 = self.gen.seconds
         states = asyncio.run(run_episodes(self.graph, inputs, cfg.graph.concurrency))
         t_rollout = time.perf_counter() - t0
@@ -109,9 +112,12 @@ class SelfPlay:
         rows = {"student": [], "tutor": []}
         for t, a, k in zip(turns, adv, keep):
             t["advantage"] = a
-            hinted = t["kind"] == "attempt" and t["hint_round"] > 0
-            if k and not (hinted and not cfg.trainer.train_on_hinted):
-                rows[t["role"]].append(Row(t["prompt_ids"], t["completion_ids"], a, t["behaviour_logprobs"]))
+            if t["kind"] == "attempt" and t["hint_round"] > 0 and not cfg.trainer.train_on_hinted:
+                continue
+            nll = t["forced"] > 0 and t["verdict"] == "solved"  # imitate a hint prefix that led to a solution
+            if k or nll:  # a flat group has no policy gradient, but its solved rows still get the NLL term
+                rows[t["role"]].append(Row(t["prompt_ids"], t["completion_ids"], a if k else 0.0,
+                                           t["behaviour_logprobs"], t["forced"], nll))
         if not cfg.trainer.train_tutor:
             rows["tutor"] = []
         # 4. update student, then tutor (separate adapters, separate optimizers)
@@ -127,6 +133,7 @@ class SelfPlay:
         m.update(self._record(it, states, turns))
         dt = time.perf_counter() - t0
         gen_tokens = sum(t["completion_tokens"] for t in turns)
+        m.update({f"env/{k}": v for k, v in self.env.items()})
         m.update({"rollout/tokens_per_s": gen_tokens / max(self.gen.seconds - gen_s0, 1e-9),
                   "time/samples_per_s": len(turns) / dt,
                   "time/rollout_s": t_rollout, "time/train_s": t_train, "time/iteration_s": dt,
@@ -142,6 +149,22 @@ class SelfPlay:
 
     def flops(self) -> dict[str, float]:
         return flops(self.policy.n_params, self.totals)
+
+    def progress(self, it: int) -> float:
+        """Share of the run's budget spent before iteration `it`: the largest of iterations, student
+        samples and model FLOPs against their limits (what ends the run ends the schedule too)."""
+        c = self.cfg
+        shares = [(it - 1) / c.iterations]
+        if c.max_student_samples:
+            shares.append(self.totals["samples/student"] / c.max_student_samples)
+        if c.max_total_flops:
+            shares.append(self.flops()["flops/total"] / c.max_total_flops)
+        return min(1.0, max(shares))
+
+    def budget_spent(self) -> bool:
+        c = self.cfg
+        return bool((c.max_student_samples and self.totals["samples/student"] >= c.max_student_samples)
+                    or (c.max_total_flops and self.flops()["flops/total"] >= c.max_total_flops))
 
     def _record(self, it: int, states: list[dict], turns: list[dict]) -> dict[str, float]:
         tasks, episodes = [], []
@@ -167,7 +190,7 @@ class SelfPlay:
         new, cur, old = (self.out / n for n in ("checkpoint.new", "checkpoint", "checkpoint.old"))
         shutil.rmtree(new, ignore_errors=True)
         self.policy.save_adapters(new / "adapters")
-        torch.save({"iteration": it, "trainer": self.trainer.state(), "totals": self.totals,
+        torch.save({"iteration": it, "trainer": self.trainer.state(), "totals": self.totals, "env": self.env,
                     "curriculum": self.curriculum.state(), "torch_rng": torch.get_rng_state(),
                     "python_rng": random.getstate(), "backend_rng": self.backend.rng_state()}, new / "state.pt")
         if cur.exists():
@@ -192,6 +215,7 @@ class SelfPlay:
         random.setstate(st["python_rng"])
         self.backend.set_rng_state(st["backend_rng"])
         self.totals = st["totals"]
+        self.env.update(st.get("env", {}))  # in place: the graph holds this dict
         return st["iteration"]
 
 
@@ -230,12 +254,16 @@ def _turn_metrics(turns: list[dict]) -> dict[str, float]:
          "student/reward": mean(t["reward"] for t in att),
          "student/bad_arithmetic": mean(t["verdict"] == "bad_arithmetic" for t in att),
          "student/completion_tokens": mean(t["completion_tokens"] for t in att),
-         "student/hinted_solve_rate": mean(t["verdict"] == "solved" for t in hinted)}
+         "student/hinted_solve_rate": mean(t["verdict"] == "solved" for t in hinted),
+         "student/hinted_forced_tokens": mean(t["forced"] for t in hinted)}
     for kind in ("hint", "mutate", "judge"):
         mine = [t for t in turns if t["kind"] == kind]
         if mine:
             m[f"tutor/{kind}_reward"] = mean(t["reward"] for t in mine)
             m[f"tutor/{kind}_turns"] = len(mine)
+    hints = [t for t in turns if t["kind"] == "hint"]
+    if hints:
+        m["tutor/hint_revealed"] = mean(t["revealed"] for t in hints)
     mut = [t for t in turns if t["kind"] == "mutate"]
     if mut:
         m["tutor/mutate_valid_rate"] = mean(t["verdict"] == "valid" for t in mut)
@@ -265,7 +293,7 @@ def run(cfg: RunConfig | None, out: Path, resume: bool = False, console=None, qu
         logger.log_eval(0, before, "before")
     with Progress(cfg, start, console) as bar:
         for it in range(start + 1, cfg.iterations + 1):
-            if cfg.max_student_samples and sp.totals["samples/student"] >= cfg.max_student_samples:
+            if sp.budget_spent():
                 break
             m = sp.iteration(it)
             logger.log(it, m)
@@ -285,7 +313,7 @@ def run(cfg: RunConfig | None, out: Path, resume: bool = False, console=None, qu
     logger.log_eval(last, after, "after")
     summary = {"iterations": last, "before": _strip(before), "after": _strip(after),
                "improvement": compare(before, after), "totals": dict(sp.totals),
-               "flops": sp.flops()}
+               "flops": sp.flops(), "env": dict(sp.env)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     sp.store.set_status(out.name, "finished")
     logger.finish(summary)

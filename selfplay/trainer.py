@@ -25,6 +25,8 @@ class Row:
     completion_ids: list[int]
     advantage: float
     old_logprobs: list[float] | None = None  # behaviour log-probs of the sampler; None = score now
+    forced: int = 0  # leading completion tokens that were teacher-forced (a hint), not sampled
+    nll: bool = False  # train the forced tokens with the NLL term (the hinted continuation solved)
 
 
 def _old_logprobs(rows: list[Row], C: int) -> torch.Tensor | None:
@@ -58,7 +60,9 @@ class Trainer:
         pol.use(role)
         params = pol.adapter_params(role)
         opt = self.opt[role]
-        n_rows, n_tokens = len(rows), sum(len(r.completion_ids) for r in rows)
+        n_rows = len(rows)
+        n_tokens = sum(len(r.completion_ids) - r.forced for r in rows)  # sampled tokens: the PG normaliser
+        n_nll = sum(r.forced for r in rows if r.nll)
         mb = t.micro_batch
         batches = [rows[i: i + mb] for i in range(0, len(rows), mb)]
         built = [make_batch([r.prompt_ids for r in b], [r.completion_ids for r in b], pol.pad_id) for b in batches]
@@ -76,9 +80,13 @@ class Trainer:
                 ref = pol.ref_logprobs(b) if t.kl_coef > 0 else None
                 if ref is not None:
                     pol.use(role)
-                mask = b.completion_mask.to(lp.device)
+                mask, nll_mask = grpo.split_masks(b.completion_mask.to(lp.device),
+                                                  torch.tensor([r.forced for r in rs], device=lp.device),
+                                                  torch.tensor([r.nll for r in rs], device=lp.device))
                 per_tok, st = grpo.per_token_loss(lp, old[k], adv, t.clip_low, t.clip_high, ref, t.kl_coef)
                 loss = grpo.aggregate(per_tok, mask, t.aggregation, n_rows, n_tokens, max_tokens)
+                if n_nll and t.hint_nll > 0:
+                    loss = loss + t.hint_nll * grpo.nll(lp, nll_mask, n_nll)
                 loss.backward()
                 total += loss.item()
                 if epoch == t.epochs - 1:

@@ -131,3 +131,23 @@ def test_parse_task_tiny_format():
     for bad in ("3 7 25", ">21", "3 7 25>-1", "0 7>7", "3  7>1", "a b>c", ""):
         assert parse_task(bad) is None
     assert Task([3, 7, 25], 21).key == Task([25, 7, 3], 21).key
+
+
+def test_solution_text_has_only_needed_parentheses_and_prefers_flat():
+    from selfplay.domains.countdown.solver import to_expr
+
+    # by hand: a right operand of - or / keeps its parentheses; a tighter operand never needs them
+    assert to_expr(("-", 25, ("-", 7, 3))) == "25-(7-3)" and to_expr(("+", ("-", 25, 7), 3)) == "25-7+3"
+    assert to_expr(("*", ("+", 1, 2), 3)) == "(1+2)*3" and to_expr(("+", 24, ("/", 14, 7))) == "24+14/7"
+    assert to_expr(("/", 8, ("*", 2, 2))) == "8/(2*2)" and to_expr(("/", ("/", 8, 2), 2)) == "8/2/2"
+    assert solve([25, 3, 7], 21).expr == "25+3-7"  # a flat +/- solution exists: shown added-first
+
+
+def test_generated_targets_are_not_dominated_by_sums():
+    from selfplay.domains.countdown import flat_solvable
+
+    tasks = generate_tasks(200, 10_007, Difficulty(3, 4, 1, 25, 1, 100))
+    assert sum(sum(t.numbers) == t.target for t in tasks) == 0  # the plain sum is excluded by design
+    assert sum(flat_solvable(t.numbers, t.target) for t in tasks) < 0.4 * 200  # the old generator: 70.5%
+    assert len({t.target for t in tasks}) > 60
+    assert all(solvable(t.numbers, t.target) for t in tasks)

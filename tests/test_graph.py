@@ -42,7 +42,11 @@ def test_routing_solved_hint_and_judge(policy):
                 round1 = [t for t in s["turns"] if ":h1." in t["group_id"]]
                 assert not any(t["verdict"] == "solved" for t in round1)  # a second round only after a failed first
             for h in (t for t in s["turns"] if t["kind"] == "hint"):
-                assert 0.0 <= h["reward"] <= 1.0
+                assert -0.5 <= h["reward"] <= 1.0 and 0 <= h["revealed"]  # s - 0.5 f, s and f in [0, 1]
+            for a in (t for t in s["turns"] if t["kind"] == "attempt" and t["hint_round"] > 0):
+                # the hint is the start of the completion (teacher-forced), not prompt text
+                assert "H:" not in a["prompt"] and a["completion"].startswith(a["hint"])
+                assert a["completion_ids"][: a["forced"]] == policy.tokenizer(a["hint"], add_special_tokens=False)["input_ids"]
         judges = [t for t in s["turns"] if t["kind"] == "judge"]
         assert len(judges) == 2
         for t in judges:  # 1 only when a parsed verdict agrees with the verifier
@@ -50,6 +54,39 @@ def test_routing_solved_hint_and_judge(policy):
             assert t["reward"] == float(agree)
         seen.add("judge")
     assert {"solved", "hinted", "budget", "judge"} <= seen
+
+
+def _run_at(policy, cfg, tasks, progress):
+    gen = Generator(policy, TorchBackend(policy, 1.0, 0, seed=0), max_batch=4096)
+    graph = build_graph(cfg, gen, Prompts(cfg.prompts), {"student": 0, "tutor": 0})
+    inputs = [episode_input(f"1.{k}", 1, t, None, progress) for k, t in enumerate(tasks)]
+    return asyncio.run(run_episodes(graph, inputs, concurrency=64))
+
+
+def test_schedule_and_solution_hints_come_from_the_solver(policy):
+    from selfplay.domains.countdown import solve
+    from selfplay.graph import schedule_share
+
+    # the cosine schedule by hand: 0.75 at the start, 0.75 * (1 + cos(pi/2)) / 2 = 0.375 halfway to
+    # the end (0.35 of a run ending the schedule at 0.7), 0 from the end on
+    assert schedule_share(0.0, 0.75, 0.7) == 0.75 and abs(schedule_share(0.35, 0.75, 0.7) - 0.375) < 1e-12
+    assert schedule_share(0.7, 0.75, 0.7) == 0.0
+    tasks = generate_tasks(6, 21)  # reachable by construction; the base fails most with 2 attempts
+    sets = {"graph.judge": False, "graph.group_size": 2, "graph.hint_attempts": 2}
+    for state in _run_at(policy, tiny_config(**sets, **{"graph.hint_source": "schedule"}), tasks, 0.0):
+        hinted = [t for t in state["turns"] if t["hint_round"] == 1]
+        if state["solved"]:
+            continue
+        sol = policy.tokenizer(solve(state["current"].numbers, state["current"].target).expr,
+                               add_special_tokens=False)["input_ids"]
+        assert hinted and all(t["completion_ids"][: t["forced"]] == sol[: int(0.75 * len(sol))] for t in hinted)
+        assert not [t for t in state["turns"] if t["kind"] == "hint"]  # no tutor turn: the environment hinted
+    for state in _run_at(policy, tiny_config(**sets, **{"graph.hint_source": "schedule"}), tasks, 0.9):
+        assert state["hint_round"] <= 1 and not [t for t in state["turns"] if t["hint_round"] == 1]  # share 0: no hint
+    for state in _run_at(policy, tiny_config(**sets, **{"graph.hint_source": "solution"}), tasks, 0.0):
+        for t in (t for t in state["turns"] if t["hint_round"] == 1):
+            assert t["hint"] == solve(state["current"].numbers, state["current"].target).expr
+            assert t["verdict"] == "solved" or t["completion"] != t["hint"]  # only extra tokens can fail it
 
 
 def test_mutation_rewards_and_fallback(policy):

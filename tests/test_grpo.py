@@ -93,3 +93,17 @@ def test_token_and_flop_accounting_by_hand():
     f = flops(10, c)
     # student 2·10·(15 + 8) + 6·10·16 = 460 + 960 = 1420; tutor 2·10·5 = 100
     assert f == {"flops/student": 1420, "flops/tutor": 100, "flops/total": 1520}
+
+
+def test_forced_hint_tokens_get_nll_not_policy_gradient():
+    from selfplay.grpo import nll, split_masks
+
+    # two rows, C = 4. Row 0: 2 forced hint tokens + 2 sampled, its continuation solved (NLL on);
+    # row 1: 1 forced + 2 sampled (padding in the last column), failed (NLL off).
+    cmask = torch.tensor([[1., 1., 1., 1.], [1., 1., 1., 0.]])
+    pg, nm = split_masks(cmask, torch.tensor([2, 1]), torch.tensor([True, False]))
+    assert pg.tolist() == [[0, 0, 1, 1], [0, 1, 1, 0]]
+    assert nm.tolist() == [[1, 1, 0, 0], [0, 0, 0, 0]]
+    lp = torch.log(torch.tensor([[0.5, 0.25, 0.9, 0.9], [0.1, 0.9, 0.9, 0.9]]))
+    # NLL = (-ln 0.5 - ln 0.25) / 2 forced tokens = (0.6931 + 1.3863) / 2 = 1.0397
+    assert nll(lp, nm, 2).item() == pytest.approx((math.log(2) + math.log(4)) / 2, abs=1e-6)

@@ -148,3 +148,17 @@ def test_trainer_scores_under_the_sampling_distribution(base_path):
         lp = pol.logprobs(b, "student")
     for i, o in enumerate(outs):
         assert lp[i, : len(o.ids)].tolist() == __import__("pytest").approx(o.logprobs, abs=1e-4)
+
+
+def test_chat_template_encoding_gives_token_ids(base_path):
+    # transformers 5's apply_chat_template(tokenize=True) returns a BatchEncoding unless
+    # return_dict=False: Policy.encode used to hand the generator a dict instead of ids
+    from selfplay.policy import Policy
+    from tests.conftest import tiny_config
+
+    pol = Policy(tiny_config(**{"model.chat_template": True}), base_path)
+    pol.tokenizer.chat_template = ("{% for m in messages %}U:{{ m['content'] }}|{% endfor %}"
+                                   "{% if add_generation_prompt %}A:{% endif %}")
+    ids = pol.encode("3 7 25>21")
+    assert isinstance(ids, list) and all(isinstance(i, int) for i in ids)
+    assert ids == pol.tokenizer("U:3 7 25>21|A:", add_special_tokens=False)["input_ids"]

@@ -16,9 +16,13 @@ def test_attempt_reward_by_hand():
 
 
 def test_hint_reward_by_hand():
-    # 3 of 4 hinted attempts solved -> 0.75; a hint that is itself a full solution earns the leak value
-    assert hint_reward("25-7", TASK, 0.75, leak=0.0) == 0.75
-    assert hint_reward("(25-7)+3", TASK, 1.0, leak=0.0) == 0.0
+    # r = s - c * f. "25+" reveals 2 of the 5 tokens of "25+3-7" (f = 0.4); 3 of 4 continuations
+    # solved (s = 0.75); c = 0.5: 0.75 - 0.2 = 0.55
+    assert hint_reward("25+", TASK, 0.75, 0.4, 0.5) == pytest.approx(0.55)
+    # the same success with less revealed pays more: f = 0.2 -> 0.65
+    assert hint_reward("25", TASK, 0.75, 0.2, 0.5) == pytest.approx(0.65)
+    # a hint that is itself a full solution scores as a failure: 0 - 0.5 * 1 = -0.5
+    assert hint_reward("25+3-7", TASK, 1.0, 1.0, 0.5) == pytest.approx(-0.5)
 
 
 def test_mutate_reward_by_hand():

@@ -1,5 +1,15 @@
-"""Seeded random Countdown tasks whose target is the value of a random expression over the numbers,
-so every generated task is reachable by construction."""
+"""Seeded random Countdown tasks, reachable by construction.
+
+The target is drawn uniformly from the integers in [min_target, max_target] that the numbers can
+reach (each used once, + - * /, exact intermediates), excluding the plain sum of the numbers. The
+first generator took the value of a random chain whose operator was drawn among the *valid* ones:
+62% of steps were `+`, so 38% of held-out tasks were solved by adding everything and a greedy
+solve rate measured "add everything". Drawing among reachable values weighs every target equally
+however many expressions reach it; the sum is excluded because it is the one answer a non-aiming
+prior finds by habit (measured on 200 held-out 3-4-number tasks: 9.5% sums with it, 0% without).
+`ops` other than all four restrict the target-building chain instead (`ops: "+"` = sums only: the
+easy set of the learning test).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +17,7 @@ import random
 from dataclasses import dataclass
 from fractions import Fraction
 
+from selfplay.domains.countdown.solver import reachable_values
 from selfplay.domains.countdown.task import Task
 from selfplay.domains.countdown.verifier import apply_op
 
@@ -21,8 +32,8 @@ class Difficulty:
     max_value: int = 25
     min_target: int = 1
     max_target: int = 100
-    ops: str = "+-*/"
-    cap: int = 100  # largest intermediate value of the chain that defines the target
+    ops: str = "+-*/"  # operators that may build the target; all four = uniform over reachable values
+    cap: int = 100  # largest intermediate value of a chain (the restricted-`ops` path and `retarget`)
 
 
 def random_chain(numbers: list[int], rng: random.Random, ops: str = "+-*/", cap: int = 10_000):
@@ -72,14 +83,24 @@ def random_expr(numbers: list, rng: random.Random, ops: str = "+-*/") -> tuple[s
     return nodes[0][0], nodes[0][1]
 
 
+def reachable_targets(numbers: list[int], lo: int, hi: int) -> list[int]:
+    """Integers in [lo, hi] that the numbers reach, each used once (the solver's memoised value set)."""
+    return sorted(int(v) for v in reachable_values(tuple(sorted(numbers))) if v == int(v) and lo <= v <= hi)
+
+
 def generate_task(rng: random.Random, d: Difficulty = Difficulty()) -> Task:
-    """A task whose target is the value of a random chain over its numbers (reachable by construction)."""
+    """A task whose target is uniform over the numbers' reachable targets (see the module docstring)."""
     while True:
         k = rng.randint(d.min_count, d.max_count)
         numbers = [rng.randint(d.min_value, d.max_value) for _ in range(k)]
-        chain = random_chain(numbers, rng, d.ops, d.cap)
-        if chain and d.min_target <= chain[1] <= d.max_target:
-            return Task(numbers, chain[1])
+        if set(d.ops) != set("+-*/"):
+            chain = random_chain(numbers, rng, d.ops, d.cap)
+            if chain and d.min_target <= chain[1] <= d.max_target:
+                return Task(numbers, chain[1])
+            continue
+        targets = [t for t in reachable_targets(numbers, d.min_target, d.max_target) if t != sum(numbers)]
+        if targets:
+            return Task(numbers, rng.choice(targets))
 
 
 def generate_tasks(n: int, seed: int, d: Difficulty = Difficulty(), prefix: str = "t") -> list[Task]:

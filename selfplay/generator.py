@@ -27,7 +27,7 @@ class Sample:
     role: str
     prompt_ids: list[int]
     ids: list[int]  # completion ids (EOS included when finished)
-    logprobs: list[float]
+    logprobs: list[float] | None  # None: the backend could not give the sampling distribution's
     text: str
 
 

@@ -82,7 +82,8 @@ def _forced_turn(turn: dict, prompt_ids: list[int], forced: list[int], smp: Samp
     forced + sampled, with behaviour log-probs only for the sampled part (0 stands in for the rest)."""
     return {**turn, "hint": hint, "forced": len(forced), "prompt_ids": prompt_ids, "prompt_tokens": len(prompt_ids),
             "completion_ids": forced + smp.ids, "completion_tokens": len(forced) + len(smp.ids),
-            "behaviour_logprobs": [0.0] * len(forced) + smp.logprobs, "completion": text}
+            "behaviour_logprobs": None if smp.logprobs is None else [0.0] * len(forced) + smp.logprobs,
+            "completion": text}
 
 
 async def certify_child(child: Task | None, parent: Task, max_edit: int, bounds: Difficulty) -> bool:

@@ -291,13 +291,13 @@ def run(cfg: RunConfig | None, out: Path, resume: bool = False, console=None, qu
         before = evaluate(sp.policy, sp.backend, sp.prompts, sp.heldout, cfg)
         before_path.write_text(json.dumps(before))
         logger.log_eval(0, before, "before")
-    with Progress(cfg, start, console) as bar:
+    with Progress(cfg, start, console, sp.progress(start + 1)) as bar:
         for it in range(start + 1, cfg.iterations + 1):
             if sp.budget_spent():
                 break
             m = sp.iteration(it)
             logger.log(it, m)
-            bar.update(it, m)
+            bar.update(it, m, sp.progress(it + 1))
             if cfg.eval.every and it % cfg.eval.every == 0:
                 ev = evaluate(sp.policy, sp.backend, sp.prompts, sp.heldout, cfg, judge_attempts=0)
                 sp.store.write_metrics(it, {"eval/solve_rate": ev["solve_rate"],

@@ -22,10 +22,11 @@ class Progress:
     """A rich progress bar on a terminal; elsewhere (a batch job, a pipe, `logging.progress: false`)
     one plain line every `logging.log_every` iterations with the key metrics and throughput."""
 
-    def __init__(self, cfg: RunConfig, start: int, console: Console | None):
+    def __init__(self, cfg: RunConfig, start: int, console: Console | None, start_share: float = 0.0):
         self.console = console or Console(stderr=True)
         self.enabled = cfg.logging.progress and self.console.is_terminal
         self.every, self.total, self.start = cfg.logging.log_every, cfg.iterations, start
+        self.start_share = start_share  # budget already spent when this process started (resume)
         self.t0 = time.perf_counter()
         self.bar = RichProgress(TextColumn("[bold]selfplay"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -39,21 +40,23 @@ class Progress:
     def __exit__(self, *a):
         self.bar.__exit__(*a)
 
-    def update(self, it: int, m: dict) -> None:
+    def update(self, it: int, m: dict, share: float | None = None) -> None:
+        """`share`: the part of the run's budget spent so far (iterations, samples or FLOPs)."""
         if self.enabled:
             info = (f"solve {m.get('student/solve_rate', 0):.3f} hint {m.get('tutor/hint_reward', float('nan')):.2f} "
                     f"{m.get('time/iteration_s', 0):.2f}s/it")
             self.bar.update(self.task, completed=it, info=info)
         elif self.every and (it % self.every == 0 or it == self.total):
-            self.console.print(plain_line(it, self.total, m, time.perf_counter() - self.t0, it - self.start),
+            share = it / self.total if share is None else share
+            self.console.print(plain_line(it, self.total, m, time.perf_counter() - self.t0, share, self.start_share),
                                highlight=False, soft_wrap=True)
 
 
-def plain_line(it: int, total: int, m: dict, elapsed: float, done: int) -> str:
-    """`iter 20/200 | student/solve_rate 0.031 | ... | elapsed 12s | eta 1m48s`"""
-    eta = elapsed / max(done, 1) * (total - it)
+def plain_line(it: int, total: int, m: dict, elapsed: float, share: float, start_share: float = 0.0) -> str:
+    """`iter 20/200 | student/solve_rate 0.031 | ... | budget 10% | elapsed 12s | eta 1m48s`"""
+    eta = elapsed / max(share - start_share, 1e-9) * (1 - share)
     parts = [f"iter {it}/{total}"] + [f"{k} {m[k]:.3g}" for k in PLAIN_KEYS if k in m]
-    return " | ".join(parts + [f"elapsed {_dur(elapsed)}", f"eta {_dur(eta)}"])
+    return " | ".join(parts + [f"budget {share:.0%}", f"elapsed {_dur(elapsed)}", f"eta {_dur(eta)}"])
 
 
 def _dur(s: float) -> str:

@@ -24,7 +24,7 @@ from selfplay.policy import sampling_logits
 @dataclass
 class Completion:
     ids: list[int]  # completion tokens, ending with EOS when finished (the model is trained to stop)
-    logprobs: list[float]  # behaviour log-prob of each token in `ids`
+    logprobs: list[float] | None  # behaviour log-prob of each token in `ids` (None: the backend has none)
     finished: bool  # ended with EOS (False = cut at the token cap)
 
 

@@ -5,7 +5,9 @@ after every update `sync_adapters` saves each role's adapter to a NEW versioned 
 serves it under a NEW name and int id: vLLM caches adapters by name/id, and reusing them served
 stale weights. Rows are routed per request with one `LoRARequest` each (`"__base__"` = none).
 With `model.vllm_sleep`, the engine sleeps (frees KV cache) while the trainer runs.
-Behaviour log-probs are vLLM's for the sampled tokens (`logprobs=0`).
+Behaviour log-probs are vLLM's for the sampled tokens (`logprobs=0`) at T = 1 without top-k. vLLM
+reports the raw model's log-probs, not the tempered/filtered ones the trainer scores, so otherwise
+none are returned and the trainer takes the ratio's denominator from its own scoring.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ class VLLMBackend:
             c = o.outputs[0]
             ids = list(c.token_ids)
             lps = [lp[t].logprob if lp and t in lp else 0.0 for t, lp in zip(ids, c.logprobs or [None] * len(ids))]
+            if temp != 1.0 or self.cfg.generation.top_k:
+                lps = None  # raw, not the sampling distribution's
             result.append(Completion(ids, lps, bool(ids) and ids[-1] == self.policy.eos_id))
         return result
 

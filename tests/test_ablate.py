@@ -31,3 +31,26 @@ def test_grid_runs_reuses_cells_and_reports_standard_errors(base_path, tmp_path)
     mtime = (tmp_path / "out" / "plain" / "seed0" / "summary.json").stat().st_mtime
     run_grid(path, tmp_path / "out", [])  # finished cells are reused, not rerun
     assert (tmp_path / "out" / "plain" / "seed0" / "summary.json").stat().st_mtime == mtime
+
+
+def test_parallel_cells_stop_at_an_equal_flop_budget(base_path, tmp_path):
+    budget = 2.0e10  # a few iterations of the test model
+    spec = {**BASE, "iterations": 1000, "max_total_flops": budget,
+            "eval": {"n_tasks": 4, "samples": 1, "judge_attempts": 0},
+            "curriculum": {"episodes_per_iter": 4},
+            "variants": {"plain": {"graph.hint": False, "graph.mutate": False, "graph.judge": False,
+                                   "trainer.train_tutor": False},
+                         "tutor": {"graph.mutate": False, "graph.judge": False}},
+            "seeds": [0]}
+    spec["logging"] = {**BASE["logging"], "tensorboard": False, "plot": False}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    run_grid(path, tmp_path / "out", [], jobs=2)  # each cell in its own `selfplay run` process
+    for v in ("plain", "tutor"):
+        d = tmp_path / "out" / v / "seed0"
+        s = json.loads((d / "summary.json").read_text())
+        per_it = [json.loads(x)["flops/total"] for x in (d / "metrics.jsonl").read_text().splitlines()
+                  if "flops/total" in x]
+        # the run stops at the first iteration that reaches the budget: the one before had not
+        assert s["flops"]["flops/total"] >= budget > per_it[-2]
+        assert (d / "run.log").is_file()

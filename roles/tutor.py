@@ -3,12 +3,15 @@
 - hint: sees the task, a failed attempt and a verified solution found by the environment's
   exhaustive solver (environment compute: the tutor knows the answer), and writes either how many
   of the solution's tokens to reveal (`graph.hint_form: reveal`, the tiny model) or the hint text
-  (`text`, chat models). The student's completion is forced to start with the hint. Reward = s - c * f: s = the student's success rate
-  over its `hint_attempts` continuations, f = the share of the solution's tokens the hint reveals
-  (capped at 1), c = `rewards.hint_reveal_cost`. A hint that is itself a full solution scores s = 0
-  (it taught nothing). So the tutor is paid for the least it must reveal: when a short prefix
-  suffices, revealing more costs; when the student needs more, success pays for it. Group: the H
-  hints written for one failed group.
+  (`text`, chat models). The student's completion is forced to start with the hint.
+  Reward = s * (1 - c * f): s = the student's success rate over its `hint_attempts` continuations,
+  f = the share of the solution's tokens the hint reveals (capped at 1), c =
+  `rewards.hint_reveal_cost`. A hint that is itself a full solution scores s = 0 (it taught
+  nothing). So the tutor is paid for the least it must reveal *for the student to succeed*: among
+  hints that work, the shorter pays more; a hint that fails pays 0 however short. The additive
+  form s - c * f also paid failing hints for being short, and with 2 hints per group the tutor
+  collapsed to revealing nothing in 3 of 6 runs (hinted success 2%); the others settled near 40%
+  revealed and 37% success. Group: the H hints written for one failed group.
 - mutate: sees a parent task, writes a child task. Reward = learnability 1 - p̂ of the child under
   the student when 0 < p̂ < 1 (Absolute Zero's proposer reward), `mutate_degenerate` when p̂ is 0
   or 1, `mutate_invalid` when the child is malformed, a duplicate of its parent, more than a small
@@ -31,7 +34,7 @@ from selfplay.domains.countdown import Difficulty, Task, parse_task, solvable, v
 def hint_reward(hint: str, task: Task, success_rate: float, revealed: float, reveal_cost: float) -> float:
     if verify(hint, task.numbers, task.target).solved:
         success_rate = 0.0  # a full solution is not a hint
-    return success_rate - reveal_cost * min(revealed, 1.0)
+    return success_rate * (1.0 - reveal_cost * min(revealed, 1.0))
 
 
 def parse_child(text: str) -> Task | None:

@@ -111,7 +111,7 @@ class RewardsCfg(Section):
     format_credit: float = Field(0.1, description="Student reward for a well-formed, arithmetically valid but wrong answer.")
     mutate_degenerate: float = Field(-0.5, description="Mutate reward when the student solves the child always or never (p̂ ∈ {0, 1}).")
     mutate_invalid: float = Field(-1.0, description="Mutate reward for a malformed, unsolvable (by the solver) or duplicate child.")
-    hint_reveal_cost: float = Field(0.25, ge=0, description="Hint reward = hinted success rate - cost x share of the solution's tokens revealed: the tutor is paid for the least it must reveal. A hint that is itself a full solution counts as a failure.")
+    hint_reveal_cost: float = Field(0.5, ge=0, le=1, description="Hint reward = hinted success rate x (1 - cost x share of the solution's tokens revealed): the tutor is paid for the least it must reveal for the student to succeed. A hint that is itself a full solution counts as a failure.")
 
 
 class TrainerCfg(Section):

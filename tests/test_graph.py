@@ -42,7 +42,7 @@ def test_routing_solved_hint_and_judge(policy):
                 round1 = [t for t in s["turns"] if ":h1." in t["group_id"]]
                 assert not any(t["verdict"] == "solved" for t in round1)  # a second round only after a failed first
             for h in (t for t in s["turns"] if t["kind"] == "hint"):
-                assert -0.5 <= h["reward"] <= 1.0 and 0 <= h["revealed"]  # s - 0.5 f, s and f in [0, 1]
+                assert 0.0 <= h["reward"] <= 1.0 and 0 <= h["revealed"]  # s (1 - 0.5 f), s and f in [0, 1]
             for a in (t for t in s["turns"] if t["kind"] == "attempt" and t["hint_round"] > 0):
                 # the hint is the start of the completion (teacher-forced), not prompt text
                 assert "H:" not in a["prompt"] and a["completion"].startswith(a["hint"])

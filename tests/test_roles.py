@@ -16,13 +16,14 @@ def test_attempt_reward_by_hand():
 
 
 def test_hint_reward_by_hand():
-    # r = s - c * f. "25+" reveals 2 of the 5 tokens of "25+3-7" (f = 0.4); 3 of 4 continuations
-    # solved (s = 0.75); c = 0.5: 0.75 - 0.2 = 0.55
-    assert hint_reward("25+", TASK, 0.75, 0.4, 0.5) == pytest.approx(0.55)
-    # the same success with less revealed pays more: f = 0.2 -> 0.65
-    assert hint_reward("25", TASK, 0.75, 0.2, 0.5) == pytest.approx(0.65)
-    # a hint that is itself a full solution scores as a failure: 0 - 0.5 * 1 = -0.5
-    assert hint_reward("25+3-7", TASK, 1.0, 1.0, 0.5) == pytest.approx(-0.5)
+    # r = s * (1 - c * f). "25+" reveals 2 of the 5 tokens of "25+3-7" (f = 0.4); 3 of 4
+    # continuations solved (s = 0.75); c = 0.5: 0.75 * (1 - 0.2) = 0.6
+    assert hint_reward("25+", TASK, 0.75, 0.4, 0.5) == pytest.approx(0.6)
+    # the same success with less revealed pays more: f = 0.2 -> 0.75 * 0.9 = 0.675
+    assert hint_reward("25", TASK, 0.75, 0.2, 0.5) == pytest.approx(0.675)
+    # a failing hint pays 0 however short; a full solution scores as a failure (s = 0)
+    assert hint_reward("25", TASK, 0.0, 0.2, 0.5) == 0.0
+    assert hint_reward("25+3-7", TASK, 1.0, 1.0, 0.5) == 0.0
 
 
 def test_mutate_reward_by_hand():

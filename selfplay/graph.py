@@ -18,7 +18,8 @@ a solution it will have to start alone at evaluation; with `prompt` the hint is 
 Nodes are async and await the shared `Generator`, whose micro-batcher fuses the model calls of all
 episodes in flight; the solver runs in worker threads. The router enforces the budgets
 (`hint_rounds`), so LangGraph's recursion limit is never what stops an episode. Token ids flow
-through the state with each turn; nothing is re-tokenised. Every turn record carries its reward
+through the state with each turn (a revealed hint's ids are the solution's own); nothing sampled
+is re-tokenised. Every turn record carries its reward
 when the episode ends; advantages are added by the loop, which sees the groups that span episodes
 (mutations of one parent).
 
@@ -55,7 +56,7 @@ class EpisodeState(TypedDict, total=False):
     mutate_group: str  # GRPO group of the mutate turn (children of one parent)
     current: Task  # the task the student attempts
     solution: str | None  # the solver's solution of `current`, fetched when a group first fails
-    hints: list[str]  # hints of the current round ([] in round 0)
+    hints: list[tuple[str, list[int]]]  # (text, token ids) of the current round's hints ([] in round 0)
     hint_round: int
     solved: bool  # an unhinted attempt solved the task
     solved_round: bool  # an attempt of the latest round solved the task
@@ -139,7 +140,9 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
             child.id, child.parent, child.source = f"{s['episode_id']}/child", parent.id, "tutor"
         return {"current": child if valid else parent, "turns": s["turns"] + [turn]}
 
-    async def hinted_attempts(s: EpisodeState, j: int, hint: str) -> list[dict]:
+    async def hinted_attempts(s: EpisodeState, j: int, hint: str, forced: list[int]) -> list[dict]:
+        """The attempts on hint j: `forced` (the hint's token ids) starts each completion, or the
+        hint text goes in the prompt (`hint_place: prompt`)."""
         t, r = s["current"], s["hint_round"]
         group, parse = f"{s['episode_id']}:h{r}.{j}", TURNS["attempt"].parse
         meta = ("student", "attempt", group)
@@ -148,7 +151,7 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
             return [_turn(s, *meta, smp, text, pol.adapters["student"], versions["student"], parse(smp.text), r)
                     | {"hint": hint} for smp in samples]
         text = prompts.render("attempt", **vars_of(t), hint=None)
-        prompt_ids, forced = pol.encode(text), tokens(hint)
+        prompt_ids = pol.encode(text)
         cap = max(1, student_cap - len(forced))
         samples = await gen.generate("student", prompt_ids + forced, g.hint_attempts, cap)
         out = []
@@ -165,7 +168,7 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
             new = [_turn(s, "student", "attempt", f"{s['episode_id']}:a", smp, text, pol.adapters["student"],
                          versions["student"], TURNS["attempt"].parse(smp.text)) for smp in samples]
         else:
-            new = [x for xs in await asyncio.gather(*(hinted_attempts(s, j, h) for j, h in enumerate(s["hints"])))
+            new = [x for xs in await asyncio.gather(*(hinted_attempts(s, j, *h) for j, h in enumerate(s["hints"])))
                    for x in xs]
         return {"turns": s["turns"] + new}
 
@@ -202,25 +205,28 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
             return {"hint_round": r, "hints": [], "solution": None}
         sol_tokens = tokens(solution)
         if g.hint_source == "solution":
-            return {"hint_round": r, "hints": [solution], "solution": solution}
+            return {"hint_round": r, "hints": [(solution, sol_tokens)], "solution": solution}
         if g.hint_source == "schedule":
             k = math.floor(schedule_share(s.get("progress", 0.0), g.schedule_start, g.schedule_end) * len(sol_tokens))
-            return {"hint_round": r, "hints": [pol.decode(sol_tokens[:k])] if k else [], "solution": solution}
+            hints = [(pol.decode(sol_tokens[:k]), sol_tokens[:k])] if k else []
+            return {"hint_round": r, "hints": hints, "solution": solution}
         failed = [x for x in s["turns"] if x["kind"] == "attempt" and x["verdict"] != "solved"]
         text, samples = await ask("tutor", "hint", g.hints_per_round, tutor_cap, **vars_of(t),
                                   attempt=failed[-1]["parsed"] or failed[-1]["completion"], solution=solution)
-        new = []
+        new, hints = [], []
         for smp in samples:
             turn = _turn(s, "tutor", "hint", f"{s['episode_id']}:H{r}", smp, text, pol.adapters["tutor"],
                          versions["tutor"], TURNS["hint"].parse(smp.text), r)
-            if g.hint_form == "reveal":  # the tutor chose how many solution tokens to show
+            if g.hint_form == "reveal":  # the tutor chose how many solution tokens to show: force those ids
                 k = int(turn["parsed"]) if turn["parsed"].isdigit() else 0
-                turn["hint"] = pol.decode(sol_tokens[: min(k, len(sol_tokens))])
+                ids = sol_tokens[: min(k, len(sol_tokens))]
+                turn["hint"] = pol.decode(ids)
             else:
-                turn["hint"] = turn["parsed"]
-            turn["revealed"] = len(tokens(turn["hint"])) / max(len(sol_tokens), 1)
+                turn["hint"], ids = turn["parsed"], tokens(turn["parsed"])
+            turn["revealed"] = len(ids) / max(len(sol_tokens), 1)
             new.append(turn)
-        return {"turns": s["turns"] + new, "hint_round": r, "hints": [x["hint"] for x in new], "solution": solution}
+            hints.append((turn["hint"], ids))
+        return {"turns": s["turns"] + new, "hint_round": r, "hints": hints, "solution": solution}
 
     async def judge(s: EpisodeState) -> dict:
         t = s["current"]

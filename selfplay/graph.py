@@ -87,10 +87,11 @@ def _forced_turn(turn: dict, prompt_ids: list[int], forced: list[int], smp: Samp
             "completion": text}
 
 
-async def certify_child(child: Task | None, parent: Task, max_edit: int, bounds: Difficulty) -> bool:
-    """`child_is_valid` in a worker thread: the solver is pure Python (up to seconds for an
-    unsolvable 6-number child), and in the event loop it would stall every episode in flight."""
-    return await asyncio.to_thread(child_is_valid, child, parent, max_edit, bounds)
+def certify_child(child: Task | None, parent: Task, max_edit: int, bounds: Difficulty) -> bool:
+    """`child_is_valid`, on the event loop's thread like every node and route: a worker thread's
+    finishing time would decide which fused batch an episode's next call joins, and so which
+    samples it draws; runs would not reproduce. The solver's cost is counted (`env/*`)."""
+    return child_is_valid(child, parent, max_edit, bounds)
 
 
 def schedule_share(progress: float, start: float, end: float) -> float:
@@ -122,7 +123,7 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
 
     async def solution_of(t: Task) -> str | None:
         t0 = time.perf_counter()
-        sol = await asyncio.to_thread(solve, t.numbers, t.target, False)
+        sol = solve(t.numbers, t.target, False)
         env["solver_calls"] = env.get("solver_calls", 0) + 1
         env["solver_seconds"] = env.get("solver_seconds", 0.0) + time.perf_counter() - t0
         return sol.expr
@@ -132,7 +133,7 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
         solve_bucket = min(9, int(10 * parent.extra.get("solve_rate", 0.0)))
         text, [smp] = await ask("tutor", "mutate", 1, tutor_cap, **vars_of(parent), solve_bucket=solve_bucket)
         child = TURNS["mutate"].parse(smp.text)
-        valid = await certify_child(child, parent, g.mutate_max_edit, bounds) and child.key not in heldout
+        valid = certify_child(child, parent, g.mutate_max_edit, bounds) and child.key not in heldout
         turn = _turn(s, "tutor", "mutate", s["mutate_group"], smp, text, pol.adapters["tutor"],
                      versions["tutor"], child.key if child else None)
         turn["verdict"] = "valid" if valid else "invalid"
@@ -172,7 +173,7 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
                    for x in xs]
         return {"turns": s["turns"] + new}
 
-    def verify_node(s: EpisodeState) -> dict:
+    async def verify_node(s: EpisodeState) -> dict:
         t, r = s["current"], s["hint_round"]
         turns, solved_round = [], False
         for turn in s["turns"]:
@@ -250,19 +251,19 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
                 new.append(turn)
         return {"turns": s["turns"] + new}
 
-    def start_route(s: EpisodeState) -> str:
+    async def start_route(s: EpisodeState) -> str:
         return "mutate" if s.get("mutate") and g.mutate else "attempt"
 
-    def end_route(s: EpisodeState) -> str:
+    async def end_route(s: EpisodeState) -> str:
         return "judge" if g.judge and g.judge_attempts > 0 else END
 
-    def after_verify(s: EpisodeState) -> str:
+    async def after_verify(s: EpisodeState) -> str:
         if not s["solved_round"] and g.hint and s["hint_round"] < g.hint_rounds:
             return "hint"
-        return end_route(s)
+        return await end_route(s)
 
-    def after_hint(s: EpisodeState) -> str:
-        return "attempt" if s["hints"] else end_route(s)
+    async def after_hint(s: EpisodeState) -> str:
+        return "attempt" if s["hints"] else await end_route(s)
 
     sg = StateGraph(EpisodeState)
     sg.add_node("mutate", mutate)

@@ -1,6 +1,7 @@
 """The episode graph with the real tiny model: routing, budgets, rewards and fused batches."""
 
 import asyncio
+import sqlite3
 
 import pytest
 
@@ -123,22 +124,20 @@ def test_bad_template_is_a_one_line_startup_error(tmp_path):
         Prompts(tiny_config(**{"prompts.hint": "nope.j2"}).prompts)
 
 
-def test_solver_runs_off_the_event_loop():
-    # certifying an unsolvable 5-number child takes ~50 ms of pure Python: other episodes must keep
-    # running meanwhile (it used to run inside the async node and stall every episode in flight)
-    from selfplay.domains.countdown import Difficulty
-    from selfplay.domains.countdown.solver import _counts
-    from selfplay.graph import certify_child
+def test_same_seed_same_episodes(base_path, tmp_path):
+    # Two runs with one seed must store the same episodes, token for token. They did not: LangGraph
+    # runs a sync route in a worker thread and the solver ran in one too, so a thread's finishing time
+    # decided which fused batch an episode's next call joined, and with it which samples it drew
+    # (two 20-iteration runs parted at iteration 3). Every node and route now runs on the loop's thread.
+    from selfplay.loop import run
 
-    async def main():
-        _counts.cache_clear()
-        child = Task([2, 3, 5, 7, 11], 9999)
-        check = asyncio.ensure_future(certify_child(child, Task([2, 3, 5, 7], 17), 2, Difficulty(2, 5, 1, 50, 1, 10**4)))
-        ticks = 0
-        while not check.done():
-            ticks += 1
-            await asyncio.sleep(0.001)
-        return ticks, check.result()
-
-    ticks, valid = asyncio.run(main())
-    assert valid is False and ticks >= 3
+    cfg = tiny_config(**{"iterations": 4, "graph.mutate": True,
+                         "eval.n_tasks": 4, "eval.samples": 1, "logging.checkpoint_every": 100})
+    stored = []
+    for k in range(2):
+        run(cfg, tmp_path / f"run{k}", quiet=True)
+        db = sqlite3.connect(tmp_path / f"run{k}" / "memory.db")
+        stored.append(db.execute("select kind, prompt, completion, reward, advantage from turns order by id").fetchall())
+    kinds = {row[0] for row in stored[0]}
+    assert {"attempt", "hint", "mutate"} <= kinds, kinds
+    assert stored[0] == stored[1]

@@ -14,23 +14,24 @@ from memory.query import open_readonly, search, sql
 from selfplay.loop import RunError, run
 from tests.conftest import cli_sets, tiny_config
 
-# An easy task set: targets are sums, so "always add" solves every task. The prior picks "+" for each
-# operator a quarter of the time, so before training it rarely solves a 3-number task.
-EASY = {"curriculum.ops": "+", "eval.ops": "+", "curriculum.min_count": 3, "curriculum.max_count": 3,
-        "eval.min_count": 3, "eval.max_count": 3, "eval.n_tasks": 48, "eval.samples": 4}
+# An easy task set: targets are sums of two numbers, so "add them" solves every task; the test base
+# samples it ~15% of the time. (Three numbers was too hard a start: on some machines' bases the run saw
+# about one success per iteration and learned nothing in 60 iterations.)
+EASY = {"curriculum.ops": "+", "eval.ops": "+", "curriculum.min_count": 2, "curriculum.max_count": 2,
+        "eval.min_count": 2, "eval.max_count": 2, "eval.n_tasks": 48, "eval.samples": 4}
 
 
 def test_short_plain_grpo_run_learns_the_easy_set(base_path, tmp_path):
     cfg = tiny_config(**EASY, **{"iterations": 60, "graph.hint": False, "graph.mutate": False, "graph.judge": False,
                                   "trainer.lr": 3e-3, "logging.checkpoint_every": 100})
     s = run(cfg, tmp_path / "run")
-    # seeds are fixed and both evaluations use the same 48 tasks. Greedy decoding shows learning
-    # first (the argmax answer becomes "add everything"): 0 of 48 before and 18 of 48 after (seen) is
-    # about 5 standard errors of a paired binary difference; 12 of 48 (3.5 SE) is the bar.
-    # Sampled solve rate must rise too.
+    # seeds are fixed and both evaluations use the same 48 tasks. Seen over seeds 0-3: greedy 0 of 48
+    # before, 28-37 of 48 after; sampled (192 samples) 0.13-0.16 before, 0.24-0.39 after. The bars:
+    # greedy +12 of 48 (3.5 SE of a paired binary difference), sampled +0.05 (the smallest seen, +0.08,
+    # was 2.4 SE; the bar is far below every seed's gain, and no gain at all fails it).
     b, a = s["before"], s["after"]
     assert a["greedy_solve_rate"] >= b["greedy_solve_rate"] + 0.25, (b["greedy_solve_rate"], a["greedy_solve_rate"])
-    assert a["solve_rate"] > b["solve_rate"] and s["improvement"]["delta"] > 0
+    assert s["improvement"]["delta"] >= 0.05, (b["solve_rate"], a["solve_rate"])
     db = open_readonly(tmp_path / "run" / "memory.db")
     _, [[n]] = sql(db, "select count(*) from episodes")
     assert n == 60 * cfg.curriculum.episodes_per_iter

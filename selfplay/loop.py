@@ -47,11 +47,12 @@ DB_FIELDS = ("episode_id", "iteration", "role", "kind", "adapter", "adapter_vers
              "completion", "parsed", "verdict", "reward", "advantage", "prompt_tokens", "completion_tokens")
 
 
-def make_backend(cfg: RunConfig, policy: Policy):
+def make_backend(cfg: RunConfig, policy: Policy, workdir: Path | None = None):
+    """The generation backend; `workdir` holds the adapter versions a vLLM engine loads."""
     if cfg.model.backend == "vllm":
         from selfplay.vllm_backend import VLLMBackend  # imported only when selected
 
-        return VLLMBackend(policy, cfg)
+        return VLLMBackend(policy, cfg, workdir)
     return TorchBackend(policy, cfg.generation.temperature, cfg.generation.top_k, cfg.seed)
 
 
@@ -78,7 +79,7 @@ class SelfPlay:
         torch.manual_seed(cfg.seed)
         self.prompts = Prompts(cfg.prompts)
         self.policy = Policy(cfg)
-        self.backend = make_backend(cfg, self.policy)
+        self.backend = make_backend(cfg, self.policy, out / "vllm-adapters")
         self.gen = Generator(self.policy, self.backend, cfg.generation.max_batch)
         self.heldout = heldout_tasks(cfg.eval)
         self.curriculum = Curriculum(cfg, {t.key for t in self.heldout})
@@ -318,6 +319,7 @@ def run(cfg: RunConfig | None, out: Path, resume: bool = False, console=None, qu
     sp.store.set_status(out.name, "finished")
     logger.finish(summary)
     sp.store.close()
+    sp.backend.close()
     return summary
 
 

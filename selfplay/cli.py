@@ -1,4 +1,4 @@
-"""`selfplay` command line: run, eval, bootstrap, ablate, memory.
+"""`selfplay` command line: run, eval, bootstrap, ablate, memory, vllm-serve.
 
 User mistakes (bad config, missing files, a write through `memory sql`) print one line
 `error: ...` and exit 2; no traceback.
@@ -67,6 +67,31 @@ def run(config: Optional[Path] = typer.Option(None, help="YAML config (default: 
         _fail("interrupted; memory holds every completed iteration: continue with `selfplay run --resume DIR`")
     print(json.dumps({"iterations": summary["iterations"], **summary["improvement"],
                       "before": summary["before"]["solve_rate"], "after": summary["after"]["solve_rate"]}))
+
+
+@app.command("vllm-serve")
+def vllm_serve(port: int = typer.Option(8001, help="Port to listen on."),
+               host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+               config: Optional[Path] = typer.Option(None, help="The run's YAML config (its base and LoRA rank)."),
+               set: List[str] = typer.Option([], "--set", help="Dotted override (repeatable)."),
+               dry_run: bool = typer.Option(False, help="Print the command instead of running it.")):
+    """Start a vLLM OpenAI server for `model.backend=vllm_server` (needs vLLM in this venv)."""
+    import os
+
+    from selfplay.policy import ensure_base
+    from selfplay.vllm_server import server_command
+
+    try:
+        cfg = _config(config, set)
+        base = ensure_base(cfg)
+    except USER_ERRORS as e:
+        _fail(str(e).splitlines()[0])
+    cmd = [sys.executable, *server_command(cfg, str(base), port), "--host", host]
+    if dry_run:
+        print(" ".join(cmd))
+        return
+    os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # /v1/load_lora_adapter at run time
+    os.execv(sys.executable, cmd)
 
 
 @app.command("eval")

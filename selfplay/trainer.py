@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from selfplay import distributed as dist
 from selfplay import grpo
 from selfplay.config import RunConfig
 from selfplay.policy import Policy, make_batch
@@ -53,16 +54,19 @@ class Trainer:
     def step(self, role: str, rows: list[Row], max_tokens: int) -> dict[str, float]:
         """One update of `role`'s adapter on `rows` (micro-batched, gradients accumulated)."""
         t, pol = self.cfg.trainer, self.policy
-        if not rows:
+        # the normalisers count the rows of EVERY rank (torchrun): the loss of each rank's rows is
+        # its share of the global loss, and the summed gradients are one process's on all rows
+        n_rows, n_tokens, n_nll = (int(x) for x in dist.all_sum([
+            len(rows),
+            sum(len(r.completion_ids) - r.forced for r in rows),  # sampled tokens: the PG normaliser
+            sum(r.forced for r in rows if r.nll)]))
+        if not n_rows:
             return {}
         t0 = time.perf_counter()
         pol.model.train()
         pol.use(role)
         params = pol.adapter_params(role)
         opt = self.opt[role]
-        n_rows = len(rows)
-        n_tokens = sum(len(r.completion_ids) - r.forced for r in rows)  # sampled tokens: the PG normaliser
-        n_nll = sum(r.forced for r in rows if r.nll)
         mb = t.micro_batch
         batches = [rows[i: i + mb] for i in range(0, len(rows), mb)]
         built = [make_batch([r.prompt_ids for r in b], [r.completion_ids for r in b], pol.pad_id) for b in batches]
@@ -93,6 +97,8 @@ class Trainer:
                     stats["clip_frac"] += float((st["clip_frac"] * mask).sum()) / max(n_tokens, 1)
                     if "kl" in st:
                         stats["kl"] += float((st["kl"] * mask).sum()) / max(n_tokens, 1)
+            dist.all_reduce_grads(params)
+            total = dist.all_sum([total])[0]
             gnorm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
             if not (math.isfinite(total) and math.isfinite(float(gnorm))):
                 opt.zero_grad(set_to_none=True)
@@ -103,6 +109,7 @@ class Trainer:
             stats["loss"] = total
             stats["grad_norm"] = float(gnorm)
         pol.model.eval()
+        stats["clip_frac"], stats["kl"] = dist.all_sum([stats["clip_frac"], stats["kl"]])
         self.versions[role] += 1
         dt = time.perf_counter() - t0
         out = {f"{role}/{k}": v for k, v in stats.items()}

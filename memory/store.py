@@ -8,9 +8,11 @@ Tables
   statistics are counts of unhinted student attempts.
 - episodes(id, iteration, task_id, parent_task_id, mutated, solved, hint_rounds, n_turns)
 - turns(id, episode_id, iteration, role, kind, adapter, adapter_version, group_id, prompt,
-  completion, parsed, verdict, reward, advantage, prompt_tokens, completion_tokens, hint_round, hint),
+  completion, parsed, verdict, reward, advantage, prompt_tokens, completion_tokens, hint_round, hint,
+  judge),
   hint_round 0 = an unhinted attempt (or a tutor turn outside hinting), hint = the hint an attempt
-  was given,
+  was given, judge = the judge's share of Y votes when the judge pays the student (then `reward`
+  is the proxy and `verdict` the verifier's truth),
   with full-text search over prompt + completion (`turns_fts`).
 - metrics(iteration, name, value)
 
@@ -55,6 +57,13 @@ def m002_hints(db: Database) -> None:
     db["turns"].add_column("hint_round", int)
     db["turns"].add_column("hint", str)
     db.execute("update turns set hint_round = case when group_id like '%:a' then 0 else 1 end")
+
+
+@migrations()
+def m003_judge(db: Database) -> None:
+    """The judge's share of Y votes on a student attempt when the judge pays the student
+    (rewards.student_source=judge; NULL otherwise): `reward` is then the proxy, `verdict` the truth."""
+    db["turns"].add_column("judge", float)
 
 
 class EpisodeStore:

@@ -150,6 +150,10 @@ def results_table(out: Path, variants: list[str], seeds: list[int], hard: bool) 
             "solver s", "hinted solve rate", "hint revealed", "judge balanced acc", "mutation validity"]
     if hard:
         head.append("hard split solve")
+    judged = any("goodhart" in x for x in sums.values())
+    if judged:  # rewards.student_source=judge cells: the proxy against the truth
+        head += ["train judge reward (last 5 it)", "train true solve (last 5 it)", "judge false accepts",
+                 "proxy parted from truth at it"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base_before = [sums[v0, s]["before"]["solve_rate"] for v0 in variants[:1] for s in seeds]
     for v in variants:
@@ -170,6 +174,13 @@ def results_table(out: Path, variants: list[str], seeds: list[int], hard: bool) 
                _fmt([m.get("tutor/mutate_valid_rate", float("nan")) for m in metrics])]
         if hard:
             row.append(_fmt([json.loads((cells[v, s] / "eval_hard.json").read_text())["solve_rate"] for s in seeds]))
+        if judged:
+            g = [x.get("goodhart") for x in S]
+            parted = [x["iteration"] if x else None for x in g]
+            row += [_fmt([x["proxy_last"] if x else float("nan") for x in g]),
+                    _fmt([x["truth_last"] if x else float("nan") for x in g]),
+                    _fmt([m.get("judge/false_accept_rate", float("nan")) for m in metrics]),
+                    ", ".join("never" if p is None else str(p) for p in parted) if any(g) else "–"]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     lines.append(f"Before training (base = student at step 0): sampled solve {_fmt(base_before)}. "

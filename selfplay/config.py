@@ -107,7 +107,7 @@ class GraphCfg(Section):
     mutate_max_edit: int = Field(2, ge=0, description="Largest valid mutation: numbers added + removed vs the parent (replace = 2).")
     judge: bool = Field(True, description="Tutor judges student attempts (reward: agreement with the verifier).")
     judge_attempts: int = Field(1, ge=0, description="Attempts judged per episode.")
-    judge_votes: int = Field(2, ge=1, description="Verdicts sampled per judged attempt (the judge GRPO group).")
+    judge_votes: int = Field(2, ge=1, description="k verdicts sampled per judged attempt: the judge's GRPO group; with rewards.student_source=judge their majority (more than k/2 Y) is the attempt's reward (reward-model compute).")
     concurrency: int = Field(64, ge=1, description="Episodes in flight at once (their model calls are fused).")
 
 
@@ -115,6 +115,7 @@ class RewardsCfg(Section):
     format_credit: float = Field(0.1, description="Student reward for a well-formed, arithmetically valid but wrong answer.")
     mutate_degenerate: float = Field(-0.5, description="Mutate reward when the student solves the child always or never (p̂ ∈ {0, 1}).")
     mutate_invalid: float = Field(-1.0, description="Mutate reward for a malformed, unsolvable (by the solver) or duplicate child.")
+    student_source: Literal["verifier", "judge"] = Field("verifier", description="What pays the student: the exact verifier, or the tutor's judge (every attempt judged, graph.judge_votes verdicts, majority Y = 1 else 0). Every attempt is verified either way and both are logged (student/judge_reward, student/true_solve_rate); hint routing and the curriculum's solve counts still read the verifier.")
     hint_reveal_cost: float = Field(0.5, ge=0, le=1, description="Hint reward = hinted success rate x (1 - cost x share of the solution's tokens revealed): the tutor is paid for the least it must reveal for the student to succeed. A hint that is itself a full solution counts as a failure.")
 
 
@@ -129,6 +130,7 @@ class TrainerCfg(Section):
     aggregation: Literal["token", "sequence", "dr_grpo"] = Field("token", description="Loss aggregation: token = DAPO token mean over the batch; sequence = GRPO mean per sequence then over sequences; dr_grpo = token sum / (rows * max_new_tokens).")
     scale_std: bool = Field(True, description="Divide group advantages by the group std (False = Dr.GRPO).")
     drop_zero_variance: bool = Field(True, description="Skip groups whose rewards are all equal (no signal).")
+    judge_class_balance: bool = Field(True, description="Scale judge advantages so verdicts on right and on wrong attempts weigh the same in each update (most attempts are wrong; unbalanced, 'always N' is what pays).")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping per adapter.")
     train_tutor: bool = Field(True, description="Update the tutor adapter (False freezes it: tutor = base + frozen adapter).")
     train_on_hinted: bool = Field(True, description="Student groups of hinted attempts are trained too (GRPO on the sampled continuation; with hint_place=prompt the prompt keeps the hint).")

@@ -7,7 +7,9 @@
   `+`/`-` expression, and the sampled solve rate on the tasks no flat `+`/`-` expression solves
   (the shortcut a non-aiming prior finds by habit).
 - failure reasons of the sampled attempts (wrong_value / bad_arithmetic / ...).
-- judge accuracy: the tutor's greedy verdict on student attempts against the verifier.
+- judge: the tutor's greedy verdicts on held-out attempts of both classes (the solver's right
+  answers, the student's mostly wrong ones) against the verifier: balanced accuracy, precision,
+  recall.
 `compare` gives the paired (same tasks) difference between two evaluations with its SE.
 """
 
@@ -18,7 +20,7 @@ from collections import Counter, defaultdict
 
 from roles import TURNS
 from selfplay.config import EvalCfg, RunConfig
-from selfplay.domains.countdown import Difficulty, Task, flat_solvable, generate_tasks, verify
+from selfplay.domains.countdown import Difficulty, Task, flat_solvable, generate_tasks, solve, verify
 from selfplay.prompts import Prompts
 
 
@@ -80,30 +82,38 @@ def evaluate(policy, backend, prompts: Prompts, tasks: list[Task], cfg: RunConfi
            "reasons": {r: n / total for r, n in reasons.items()}, "per_task": sampled}
     n_judge = cfg.eval.judge_attempts if judge_attempts is None else judge_attempts
     if n_judge and not base:
-        out["judge_accuracy"], out["judge_balanced_accuracy"] = judge_accuracy(policy, backend, prompts,
-                                                                               tasks[:n_judge], cfg)
+        out.update(judge_metrics(policy, backend, prompts, tasks[:n_judge], cfg))
     return out
 
 
-def judge_accuracy(policy, backend, prompts: Prompts, tasks: list[Task], cfg: RunConfig) -> tuple[float, float]:
-    """Greedy tutor verdicts on one sampled student attempt per task, scored against the verifier.
+def judge_metrics(policy, backend, prompts: Prompts, tasks: list[Task], cfg: RunConfig) -> dict:
+    """The tutor's greedy verdicts on held-out attempts of BOTH classes, scored against the verifier.
 
-    Returns (accuracy, balanced accuracy): most attempts are wrong, so "always N" scores a high
-    plain accuracy; the balanced one (mean of the per-class recalls) exposes it (0.5)."""
+    Right answers are rare among the student's samples, so half the tasks give the solver's solution
+    (a right answer written as the student writes: a flat expression when one exists) and half give
+    one sampled student attempt (mostly wrong); every label is the verifier's. Returns accuracy,
+    balanced accuracy (mean per-class recall: "always N" scores 0.5), precision and recall of Y,
+    and the class counts."""
     cap, mb = cfg.generation.max_new_tokens, cfg.generation.max_batch
-    ids = [policy.encode(prompts.render("attempt", numbers=t.numbers, target=t.target, hint=None)) for t in tasks]
-    answers = [TURNS["attempt"].parse(policy.decode(o.ids))
+    half = len(tasks) // 2
+    ids = [policy.encode(prompts.render("attempt", numbers=t.numbers, target=t.target, hint=None)) for t in tasks[half:]]
+    sampled = [TURNS["attempt"].parse(policy.decode(o.ids))
                for o in _complete(backend, ids, policy.adapters["student"], cap, mb)]
+    answers = [solve(t.numbers, t.target, False).expr or "" for t in tasks[:half]] + sampled
     truth = [verify(a, t.numbers, t.target).solved for a, t in zip(answers, tasks)]
     jids = [policy.encode(prompts.render("judge", numbers=t.numbers, target=t.target, attempt=a))
             for a, t in zip(answers, tasks)]
     outs = _complete(backend, jids, policy.adapters["tutor"], cfg.generation.tutor_max_new_tokens, mb,
                      temperature=0.0)
     preds = [TURNS["judge"].parse(policy.decode(o.ids)) for o in outs]
-    acc = sum(p == tr for p, tr in zip(preds, truth)) / max(len(tasks), 1)
-    recalls = [sum(p == tr for p, tr in zip(preds, truth) if tr == c) / n
-               for c in (True, False) if (n := sum(tr == c for tr in truth))]
-    return acc, sum(recalls) / len(recalls)
+    tp = sum(p is True and tr for p, tr in zip(preds, truth))
+    n_pos, n_neg = sum(truth), len(truth) - sum(truth)
+    tn = sum(p is False and not tr for p, tr in zip(preds, truth))
+    said_yes = sum(p is True for p in preds)
+    recalls = [r for r, n in ((tp / max(n_pos, 1), n_pos), (tn / max(n_neg, 1), n_neg)) if n]
+    return {"judge_accuracy": (tp + tn) / max(len(truth), 1), "judge_balanced_accuracy": sum(recalls) / len(recalls),
+            "judge_precision": tp / said_yes if said_yes else float("nan"), "judge_recall": tp / max(n_pos, 1),
+            "judge_positives": n_pos, "judge_negatives": n_neg}
 
 
 def compare(before: dict, after: dict) -> dict:

@@ -253,11 +253,34 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
                 new.append(turn)
         return {"turns": s["turns"] + new}
 
+    async def proxy_judge(s: EpisodeState) -> dict:
+        """rewards.student_source=judge: the tutor judges every attempt of this round with k votes;
+        the majority is the attempt's reward (the proxy), the verifier's verdict stays beside it
+        (the truth). Each vote is a judge turn, paid for agreeing with the verifier; the judge's GRPO
+        group is all k·G votes of the round (per attempt, k = 1 would leave no baseline)."""
+        t, r = s["current"], s["hint_round"]
+        todo = [i for i, x in enumerate(s["turns"]) if x["kind"] == "attempt" and x["hint_round"] == r]
+        asks = [ask("tutor", "judge", g.judge_votes, tutor_cap, **vars_of(t), attempt=s["turns"][i]["parsed"] or "")
+                for i in todo]
+        turns, new = list(s["turns"]), []
+        for i, (text, samples) in zip(todo, await asyncio.gather(*asks)):
+            truth = turns[i]["verdict"] == "solved"
+            votes = [TURNS["judge"].parse(smp.text) for smp in samples]
+            share = sum(v is True for v in votes) / len(votes)
+            turns[i] = {**turns[i], "judge": share, "reward": 1.0 if share > 0.5 else 0.0}
+            for smp, pred in zip(samples, votes):
+                turn = _turn(s, "tutor", "judge", f"{s['episode_id']}:P{r}", smp, text,
+                             pol.adapters["tutor"], versions["tutor"], pred, hint_round=r)
+                turn["verdict"] = "correct" if truth else "incorrect"
+                turn["reward"] = TURNS["judge"].reward(pred, truth)
+                new.append(turn)
+        return {"turns": turns + new}
+
     async def start_route(s: EpisodeState) -> str:
         return "mutate" if s.get("mutate") and g.mutate else "attempt"
 
-    async def end_route(s: EpisodeState) -> str:
-        return "judge" if g.judge and g.judge_attempts > 0 else END
+    async def end_route(s: EpisodeState) -> str:  # (a judge-paid student had every attempt judged)
+        return "judge" if g.judge and g.judge_attempts > 0 and rw.student_source == "verifier" else END
 
     async def after_verify(s: EpisodeState) -> str:
         if not s["solved_round"] and g.hint and s["hint_round"] < g.hint_rounds:
@@ -276,7 +299,12 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
     sg.add_conditional_edges(START, start_route, ["mutate", "attempt"])
     sg.add_edge("mutate", "attempt")
     sg.add_edge("attempt", "verify")
-    sg.add_conditional_edges("verify", after_verify, ["hint", "judge", END])
+    if rw.student_source == "judge":  # verify (the truth, logged) then judge (the reward)
+        sg.add_node("proxy_judge", proxy_judge)
+        sg.add_edge("verify", "proxy_judge")
+        sg.add_conditional_edges("proxy_judge", after_verify, ["hint", "judge", END])
+    else:
+        sg.add_conditional_edges("verify", after_verify, ["hint", "judge", END])
     sg.add_conditional_edges("hint", after_hint, ["attempt", "judge", END])
     sg.add_edge("judge", END)
     return sg.compile()

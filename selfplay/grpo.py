@@ -19,6 +19,10 @@ Variant (defaults in `TrainerCfg`):
   policy's samples: no ratio, no advantage. They get an NLL term instead, on rows whose sampled
   continuation solved the task: L = L_pg(sampled tokens) + λ · mean NLL(forced tokens of those
   rows) (`trainer.hint_nll`; UFT/BREAD's supervised term on the given prefix).
+- Judge votes are class-balanced (`trainer.judge_class_balance`): after the per-group
+  normalisation, each judge turn's advantage is scaled by n / (K · n_c), n_c the judge turns of this
+  iteration on attempts of its true class c (K classes present). Most attempts are wrong, so
+  without it the gradient mostly says "answer N", and a constant "N" judge looked 92% accurate.
 - Aggregation: "token" = sum over all completion tokens / their count (DAPO); "sequence" = mean
   over tokens per sequence, then mean over sequences (original GRPO); "dr_grpo" = sum over tokens /
   (rows * max_new_tokens) (Dr.GRPO's constant normaliser, no length bias).
@@ -53,6 +57,18 @@ def group_advantages(rewards: Sequence[float], groups: Sequence[Hashable], scale
             adv[i] = v
             keep[i] = not (flat and drop_zero_variance)
     return adv, keep
+
+
+def class_balanced(advantages: Sequence[float], classes: Sequence[Hashable | None]) -> list[float]:
+    """Scale advantage i by n / (K · n_c) where c = classes[i], n and n_c count the rows with a
+    class (None = no class: left as is) and K is the number of classes present, so each class
+    carries the same total weight."""
+    counts: dict[Hashable, int] = defaultdict(int)
+    for c in classes:
+        if c is not None:
+            counts[c] += 1
+    n, k = sum(counts.values()), len(counts)
+    return [a if c is None else a * n / (k * counts[c]) for a, c in zip(advantages, classes)]
 
 
 def per_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,

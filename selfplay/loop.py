@@ -37,6 +37,7 @@ from selfplay.generator import Generator, TorchBackend
 from selfplay.graph import build_graph, episode_input, run_episodes, unhinted_attempt
 from selfplay.policy import Policy
 from selfplay.prompts import Prompts
+from selfplay.reporting import parting_iteration, read_metrics
 from selfplay.trainer import Row, Trainer
 
 
@@ -45,7 +46,7 @@ class RunError(RuntimeError):
 
 
 DB_FIELDS = ("episode_id", "iteration", "role", "kind", "adapter", "adapter_version", "group_id", "hint_round", "hint", "prompt",
-             "completion", "parsed", "verdict", "reward", "advantage", "prompt_tokens", "completion_tokens")
+             "completion", "parsed", "verdict", "reward", "advantage", "prompt_tokens", "completion_tokens", "judge")
 
 
 def make_backend(cfg: RunConfig, policy: Policy, workdir: Path | None = None, rank: int = 0):
@@ -122,6 +123,8 @@ class SelfPlay:
         groups = [(t["role"], t["kind"], t["group_id"]) for t in turns]
         adv, keep = grpo.group_advantages([t["reward"] for t in turns], groups, cfg.trainer.scale_std,
                                           cfg.trainer.drop_zero_variance)
+        if cfg.trainer.judge_class_balance:  # verdicts on right and wrong attempts weigh the same
+            adv = grpo.class_balanced(adv, [t["verdict"] if t["kind"] == "judge" else None for t in turns])
         rows = {"student": [], "tutor": []}  # every rank's rows (for the FLOP count) ...
         mine_rows = {"student": [], "tutor": []}  # ... and this rank's, which it trains on
         for t, a, k in zip(turns, adv, keep):
@@ -199,7 +202,7 @@ class SelfPlay:
             episodes.append({"id": s["episode_id"], "iteration": it, "task_id": cur.id,
                              "parent_task_id": s["task"].id if s["mutate"] else None, "mutated": int(s["mutate"]),
                              "solved": int(s["solved"]), "hint_rounds": s["hint_round"], "n_turns": len(s["turns"])})
-        db_turns = [{k: t[k] for k in DB_FIELDS} for t in turns]
+        db_turns = [{k: t.get(k) for k in DB_FIELDS} for t in turns]
         self.store.write_iteration(it, tasks, episodes, db_turns, _turn_metrics(turns))
 
     # ---------------------------------------------------------------- checkpoints
@@ -276,11 +279,19 @@ def _turn_metrics(turns: list[dict]) -> dict[str, float]:
     att = [t for t in turns if unhinted_attempt(t)]
     hinted = [t for t in turns if t["kind"] == "attempt" and t["hint_round"] > 0]
     m = {"student/solve_rate": mean(t["verdict"] == "solved" for t in att),
+         "student/true_solve_rate": mean(t["verdict"] == "solved" for t in att),  # the verifier, whatever pays
          "student/reward": mean(t["reward"] for t in att),
          "student/bad_arithmetic": mean(t["verdict"] == "bad_arithmetic" for t in att),
          "student/completion_tokens": mean(t["completion_tokens"] for t in att),
          "student/hinted_solve_rate": mean(t["verdict"] == "solved" for t in hinted),
          "student/hinted_forced_tokens": mean(t["forced"] for t in hinted)}
+    judged = [t for t in att if t.get("judge") is not None]  # rewards.student_source=judge
+    if judged:
+        wrong = [t for t in judged if t["verdict"] != "solved"]
+        right = [t for t in judged if t["verdict"] == "solved"]
+        m["student/judge_reward"] = mean(t["reward"] for t in judged)  # the proxy that pays
+        m["judge/false_accept_rate"] = mean(t["reward"] > 0 for t in wrong)  # what the student can exploit
+        m["judge/false_reject_rate"] = mean(t["reward"] == 0 for t in right)
     for kind in ("hint", "mutate", "judge"):
         mine = [t for t in turns if t["kind"] == kind]
         if mine:
@@ -358,6 +369,8 @@ def run(cfg: RunConfig | None, out: Path, resume: bool = False, console=None, qu
         summary = {"iterations": last, "before": _strip(before), "after": _strip(after),
                    "improvement": compare(before, after), "totals": dict(sp.totals),
                    "flops": sp.flops(), "env": dict(sp.env), "processes": sp.world}
+        if cfg.rewards.student_source == "judge":
+            summary["goodhart"] = goodhart(read_metrics(out))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         sp.store.set_status(out.name, "finished")
         logger.finish(summary)
@@ -366,6 +379,16 @@ def run(cfg: RunConfig | None, out: Path, resume: bool = False, console=None, qu
     sp.backend.close()
     dist.shutdown()
     return summary
+
+
+def goodhart(rows: list[dict], window: int = 5, margin: float = 0.1) -> dict:
+    """Proxy (judge reward) against truth (verifier solve rate) over the run's iterations."""
+    rows = [r for r in rows if "student/judge_reward" in r]
+    its, proxy, truth = ([r[k] for r in rows] for k in ("iteration", "student/judge_reward", "student/true_solve_rate"))
+    tail = slice(-window, None)
+    return {"iteration": parting_iteration(its, proxy, truth, window, margin), "window": window, "margin": margin,
+            "proxy_last": sum(proxy[tail]) / max(len(proxy[tail]), 1),
+            "truth_last": sum(truth[tail]) / max(len(truth[tail]), 1)}
 
 
 def _strip(ev: dict) -> dict:

@@ -102,7 +102,7 @@ class RunLogger:
         if self.tb:
             self.tb.close()
         if self.cfg.logging.plot:
-            plot_run(self.out)
+            plot_run(self.out, (summary.get("goodhart") or {}).get("iteration"))
         self.console.print(summary_table(summary))
 
 
@@ -117,13 +117,35 @@ def summary_table(s: dict) -> Table:
     for r in ("wrong_value", "bad_arithmetic", "bad_numbers", "unparseable"):
         t.add_row(f"  {r}", f"{b['reasons'].get(r, 0):.3f}", f"{a['reasons'].get(r, 0):.3f}")
     if "judge_accuracy" in a:
-        t.add_row("judge accuracy (balanced)", f"{b.get('judge_accuracy', float('nan')):.3f} "
-                  f"({b.get('judge_balanced_accuracy', float('nan')):.3f})",
-                  f"{a['judge_accuracy']:.3f} ({a.get('judge_balanced_accuracy', float('nan')):.3f})")
+        def judge(e):
+            return (f"{e.get('judge_balanced_accuracy', float('nan')):.3f} / {e.get('judge_precision', float('nan')):.2f}"
+                    f" / {e.get('judge_recall', float('nan')):.2f}")
+        t.add_row("judge balanced acc / precision / recall", judge(b), judge(a))
+    if s.get("goodhart"):
+        g = s["goodhart"]
+        t.add_row("judge reward vs truth (training)", "",
+                  f"parted at iteration {g['iteration']}" if g["iteration"] else "never parted")
     imp = s["improvement"]
     t.add_row("paired Δ sampled", "", f"{imp['delta']:+.3f} ± {imp['delta_se']:.3f} (z = {imp['z']:.1f})")
     t.add_row("iterations / student samples", "", f"{s['iterations']} / {s['totals']['samples/student']}")
     return t
+
+
+def parting_iteration(iterations: list[int], proxy: list[float], truth: list[float], window: int = 5,
+                      margin: float = 0.1) -> int | None:
+    """Where a proxy reward and the truth part (Goodhart): the first iteration of the first run of
+    `window` consecutive iterations whose gap (proxy - truth) exceeds the mean gap of the first
+    `window` iterations by more than `margin`: a sustained departure, not a noisy spike. None = the
+    two never parted."""
+    if len(proxy) < 2 * window:
+        return None
+    gap = [p - q for p, q in zip(proxy, truth)]
+    base, run = sum(gap[:window]) / window, 0
+    for i, g in enumerate(gap):
+        run = run + 1 if g - base > margin else 0
+        if run == window:
+            return iterations[i - window + 1]
+    return None
 
 
 def read_metrics(out: Path) -> list[dict]:
@@ -131,14 +153,16 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
 
 
-def plot_run(out: Path) -> Path:
+def plot_run(out: Path, parted: int | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in read_metrics(out) if "student/solve_rate" in r]
-    panels = {"student": ("student/solve_rate", "student/hinted_solve_rate", "student/bad_arithmetic"),
+    # solve_rate is the verifier's (the truth); judge_reward is the proxy when the judge pays
+    panels = {"student": ("student/solve_rate", "student/judge_reward", "student/hinted_solve_rate",
+                          "student/bad_arithmetic"),
               "tutor (rewards)": ("tutor/hint_reward", "tutor/mutate_reward", "tutor/judge_reward",
                                   "tutor/mutate_valid_rate")}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -158,6 +182,8 @@ def plot_run(out: Path) -> Path:
     if ev:
         axes[0].plot([r["iteration"] for r in ev], [r["eval/solve_rate"] for r in ev], "ko--",
                      label="eval/solve_rate (held-out, no hints)")
+    if parted:
+        axes[0].axvline(parted, color="r", ls=":", label=f"judge reward parts from truth (it {parted})")
     axes[0].set_ylim(0, 1)
     axes[1].set_ylim(-1.05, 1.05)
     for ax in axes:

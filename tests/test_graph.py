@@ -57,6 +57,31 @@ def test_routing_solved_hint_and_judge(policy):
     assert {"solved", "hinted", "budget", "judge"} <= seen
 
 
+def test_judge_paid_student_gets_the_majority_verdict_and_keeps_the_truth(policy):
+    # rewards.student_source=judge: every attempt gets k = 3 votes; reward 1 iff more than 1.5 say Y.
+    cfg = tiny_config(**{"rewards.student_source": "judge", "graph.judge_votes": 3, "graph.group_size": 4,
+                         "graph.hint": False})
+    tasks = generate_tasks(12, 5) + [Task([1, 1], 2, id="easy"), Task([2, 3], 5, id="easy2")]
+    _, states = _run(policy, cfg, tasks)
+    n_attempts = 0
+    for s in states:
+        attempts = [t for t in s["turns"] if t["kind"] == "attempt"]
+        judges = [t for t in s["turns"] if t["kind"] == "judge"]
+        assert len(attempts) == 4 and len(judges) == 3 * 4  # the votes follow the attempts' order
+        assert {t["group_id"] for t in judges} == {f"{s['episode_id']}:P0"}  # one group: the round's votes
+        for k, a in enumerate(attempts):
+            n_attempts += 1
+            votes = judges[3 * k: 3 * k + 3]
+            assert all(a["parsed"] and a["parsed"] in v["prompt"] for v in votes if a["parsed"])
+            yes = sum(v["parsed"] == "True" for v in votes)
+            assert a["judge"] == pytest.approx(yes / 3) and a["reward"] == (1.0 if yes >= 2 else 0.0)
+            truth = a["verdict"] == "solved"
+            for v in votes:  # each vote is paid for agreeing with the verifier, not with the majority
+                assert v["verdict"] == ("correct" if truth else "incorrect")
+                assert v["reward"] == float(v["parsed"] is not None and (v["parsed"] == "True") == truth)
+    assert n_attempts == 4 * len(tasks)
+
+
 def _run_at(policy, cfg, tasks, progress):
     gen = Generator(policy, TorchBackend(policy, 1.0, 0, seed=0), max_batch=4096)
     graph = build_graph(cfg, gen, Prompts(cfg.prompts), {"student": 0, "tutor": 0})

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from selfplay.grpo import aggregate, group_advantages, per_token_loss
+from selfplay.grpo import aggregate, class_balanced, group_advantages, per_token_loss
 
 
 def test_group_advantages_by_hand():
@@ -107,3 +107,13 @@ def test_forced_hint_tokens_get_nll_not_policy_gradient():
     lp = torch.log(torch.tensor([[0.5, 0.25, 0.9, 0.9], [0.1, 0.9, 0.9, 0.9]]))
     # NLL = (-ln 0.5 - ln 0.25) / 2 forced tokens = (0.6931 + 1.3863) / 2 = 1.0397
     assert nll(lp, nm, 2).item() == pytest.approx((math.log(2) + math.log(4)) / 2, abs=1e-6)
+
+
+def test_class_balanced_judge_advantages_by_hand():
+    # 4 judge turns: 3 on wrong attempts ("incorrect"), 1 on a right one ("correct"), plus one
+    # student row (None: untouched). n = 4, K = 2 classes: incorrect x 4 / (2·3) = 2/3,
+    # correct x 4 / (2·1) = 2. Each class then carries the same total weight: 3 · 2/3 = 1 · 2.
+    adv = class_balanced([0.3, -0.6, 0.9, 1.0, 5.0], ["incorrect", "incorrect", "incorrect", "correct", None])
+    assert adv == pytest.approx([0.2, -0.4, 0.6, 2.0, 5.0])
+    # one class only: weights n / (1 · n) = 1
+    assert class_balanced([0.5, -0.5], ["incorrect", "incorrect"]) == pytest.approx([0.5, -0.5])

@@ -112,3 +112,44 @@ def test_kill_9_then_resume_loses_and_duplicates_nothing(base_path, tmp_path):
     trained = [r["iteration"] for r in rows if "student/solve_rate" in r]
     assert trained == list(range(1, 9)), trained
     assert sum(r.get("eval/tag") == 0 for r in rows) == 1
+
+
+def test_judge_paid_run_logs_proxy_and_truth_every_iteration(base_path, tmp_path):
+    # the check: `selfplay run --set rewards.student_source=judge` carries both the proxy and
+    # the truth for every iteration, in metrics.jsonl, TensorBoard and the store
+    cfg = tiny_config(**{"iterations": 3, "rewards.student_source": "judge", "graph.hint": False,
+                         "graph.judge_votes": 3, "eval.n_tasks": 8, "eval.judge_attempts": 8})
+    s = run(cfg, tmp_path / "run")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "student/solve_rate" in r]
+    assert [r["iteration"] for r in train] == [1, 2, 3]
+    assert all("student/judge_reward" in r and "student/true_solve_rate" in r for r in train)
+    assert "goodhart" in s and s["goodhart"]["iteration"] is None  # 3 iterations: too short to part
+    for k in ("judge_balanced_accuracy", "judge_precision", "judge_recall"):
+        assert k in s["after"]
+    # both classes: 4 solver answers (right) + 4 sampled attempts (labelled by the verifier)
+    assert s["after"]["judge_positives"] >= 4 and s["after"]["judge_positives"] + s["after"]["judge_negatives"] == 8
+    db = open_readonly(tmp_path / "run" / "memory.db")
+    _, [[judged, proxy_hits]] = sql(db, "select count(judge), sum(reward) from turns where kind = 'attempt'")
+    _, [[n_att]] = sql(db, "select count(*) from turns where kind = 'attempt'")
+    assert judged == n_att > 0
+    _, [[names]] = sql(db, "select count(distinct name) from metrics where name in ('student/judge_reward', 'student/true_solve_rate')")
+    assert names == 2
+
+
+def test_parting_iteration_by_hand():
+    from selfplay.reporting import parting_iteration
+
+    # window 3, margin 0.12. truth flat at 0.05; the proxy is 0.1 for iterations 1-5, then climbs.
+    # gap = proxy - 0.05: [.05]*5 + [.15, .25, .35, .45, .55] + [.55]*5 (iterations 1..15); the
+    # baseline is the mean gap of iterations 1-3 = .05. Above .05 + .12 = .17: iterations 7 (.25),
+    # 8, 9, ... (6 is .15): three in a row by iteration 9 -> parted at iteration 7.
+    its = list(range(1, 16))
+    proxy = [0.1] * 5 + [0.2, 0.3, 0.4, 0.5, 0.6] + [0.6] * 5
+    assert parting_iteration(its, proxy, [0.05] * 15, window=3, margin=0.12) == 7
+    # a one-iteration spike is not a departure
+    spike = [0.1] * 7 + [0.9] + [0.1] * 7
+    assert parting_iteration(its, spike, [0.05] * 15, window=3, margin=0.12) is None
+    # the proxy tracking a rising truth never parts
+    rising = [0.05 * i for i in its]
+    assert parting_iteration(its, rising, rising, window=3) is None

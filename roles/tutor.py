@@ -19,7 +19,9 @@
   value/target ranges, or not solvable according to the exhaustive solver. Group: the M children
   of one parent.
 - judge: sees the task and one attempt, writes Y or N. Reward = 1 if it agrees with the verifier.
-  Group: the votes on one attempt.
+  Group: the votes on one attempt, or, when the judge pays the student (`rewards.student_source:
+  judge`), all votes of an episode's round. Advantages are class-balanced (grpo.class_balanced), so
+  "always N" on a stream of mostly wrong attempts earns nothing.
 """
 
 from __future__ import annotations

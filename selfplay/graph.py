@@ -6,6 +6,10 @@
                              └──────────────────────── (hints given) ◄─────────────────┘
                                     (hinted round: `hint_attempts` student samples per hint)
 
+With `rewards.student_source: judge`, `verify ─► proxy_judge ─►` the same routes: the tutor votes
+k times on every attempt of the round and the majority is the attempt's reward; the verifier's
+verdict stays on the turn (the truth), and no separate [judge] node runs.
+
 Hints (`graph.hint_*`): when every unhinted attempt failed, the environment's exhaustive solver
 finds a verified solution (environment compute, counted in `env`). The hint comes from the tutor,
 who sees the solution and chooses how much of it to reveal (`hint_source: tutor`; `hint_form:

@@ -48,6 +48,8 @@ def test_every_field_is_documented():
     (["curriculum.max_count=6"], "solver"),  # mutations add a 7th number: the solver cannot certify it
     (["eval.max_count=7"], "solver"),
     (["curriculum.ops=+^"], "curriculum.ops"),
+    (["model.backend=vllm_server"], "model.servers"),
+    (["rewards.student_source=oracle"], "rewards.student_source"),
 ])
 def test_cross_field_checks_give_one_line_errors(overrides, words):
     with pytest.raises(ConfigError) as e:

@@ -80,6 +80,7 @@ def run_grid(path: Path, out: Path, sets: list[str], console=None, jobs: int = 1
     table = results_table(out, list(variants), seeds, hard is not None)
     (out / "results.md").write_text(table)
     plot_grid(out, list(variants), seeds)
+    plot_proxy_truth(out, list(variants), seeds)
     return table
 
 
@@ -223,4 +224,45 @@ def plot_grid(out: Path, variants: list[str], seeds: list[int]) -> None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "solve_rate.png", dpi=100)
+    plt.close(fig)
+
+
+def plot_proxy_truth(out: Path, variants: list[str], seeds: list[int], bins: int = 20) -> None:
+    """Judge-paid cells: the training judge reward (the proxy, solid) and the verifier's solve rate
+    (the truth, dashed) against total FLOPs, mean over seeds in `bins` equal FLOP bins."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {}
+    for v in variants:
+        rows = [[r for r in (json.loads(x) for x in (out / v / f"seed{s}" / "metrics.jsonl").read_text().splitlines())
+                 if "student/true_solve_rate" in r] for s in seeds]
+        if any(rows):
+            series[v] = rows
+    if not series:
+        return
+    top = max(r["flops/total"] for rows in series.values() for rs in rows for r in rs)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for v, rows in series.items():
+        color = None
+        for key, style in (("student/judge_reward", "-"), ("student/true_solve_rate", "--")):
+            xs, ys = [], []
+            for b in range(bins):
+                lo, hi = top * b / bins, top * (b + 1) / bins
+                vals = [r[key] for rs in rows for r in rs if lo <= r["flops/total"] < hi and key in r]
+                if vals:
+                    xs.append((lo + hi) / 2)
+                    ys.append(sum(vals) / len(vals))
+            if ys:
+                line, = ax.plot(xs, ys, style, color=color, label=f"{v} {'judge reward' if style == '-' else 'true solve'}")
+                color = line.get_color()
+    ax.set_xlabel("total FLOPs (student + tutor)")
+    ax.set_ylabel("training attempts")
+    ax.set_title("proxy (judge reward, solid) vs truth (verifier, dashed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "proxy_truth.png", dpi=100)
     plt.close(fig)

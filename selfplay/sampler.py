@@ -1,7 +1,9 @@
 """KV-cache sampler for the torch backend: one prefill, then one forward per new token.
 
 Left-padded prompts, explicit position ids (so padded rows see the same positions as unpadded
-ones) and a `DynamicCache`; finished rows keep decoding pad tokens until every row is done or the
+ones); plain Qwen2/Llama models run on `selfplay.decoder` (the same forward as plain tensor ops
+with a preallocated KV cache: transformers' per-call machinery cost 4x a tiny model's matmuls),
+anything else on the model with a `DynamicCache`. Finished rows keep decoding pad tokens until every row is done or the
 token cap is hit, then the batch stops. Rows may use different adapters: peft's `adapter_names`
 (one name per row, `"__base__"` = adapters off) selects the LoRA weights per row inside one forward.
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from selfplay.decoder import Decoder, supports
 from selfplay.policy import sampling_logits
 
 
@@ -41,13 +44,24 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int | list[int], 
         mask[i, P - len(p):] = 1
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
-    kw = {"adapter_names": adapter_names} if adapter_names is not None else {}
-    cache = DynamicCache(config=getattr(model, "config", None))
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                   use_cache=True, **kw).logits[:, -1]  # (B, V)
     caps = torch.tensor(max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * B,
                         device=device)  # (B,) per-row token caps
     max_new_tokens = int(caps.max())
+    if adapter_names is None and supports(model):  # the functional decoder: same logits, no per-call overhead
+        dec = Decoder(model, B, P + max_new_tokens)
+        logits = dec.prefill(ids, mask, pos)  # (B, V)
+
+        def forward(tok, next_pos, mask):
+            return dec.step(tok, next_pos)
+    else:
+        kw = {"adapter_names": adapter_names} if adapter_names is not None else {}
+        cache = DynamicCache(config=getattr(model, "config", None))
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                       use_cache=True, **kw).logits[:, -1]  # (B, V)
+
+        def forward(tok, next_pos, mask):
+            return model(input_ids=tok, attention_mask=mask, position_ids=next_pos, past_key_values=cache,
+                         use_cache=True, **kw).logits[:, -1]
     out_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_lp = torch.zeros((B, max_new_tokens), device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -77,8 +91,7 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int | list[int], 
         if bool(done.all()) or n == max_new_tokens:
             break
         mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], 1)
-        logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
-                       past_key_values=cache, use_cache=True, **kw).logits[:, -1]
+        logits = forward(tok[:, None], next_pos, mask)
         next_pos = next_pos + 1
     out_ids, out_lp = out_ids[:, :n].tolist(), out_lp[:, :n].tolist()
     return [Completion(row[:k], lps[:k], e) for row, lps, k, e in zip(out_ids, out_lp, lengths.tolist(), hit_eos.tolist())]

@@ -162,3 +162,31 @@ def test_chat_template_encoding_gives_token_ids(base_path):
     ids = pol.encode("3 7 25>21")
     assert isinstance(ids, list) and all(isinstance(i, int) for i in ids)
     assert ids == pol.tokenizer("U:3 7 25>21|A:", add_special_tokens=False)["input_ids"]
+
+
+def test_functional_decoder_equals_the_model_forward(base_path):
+    # the sampler's decoder (plain tensor ops, preallocated KV cache) against transformers' forward
+    # with a DynamicCache: left-padded rows (0..5 pads), a prefill and 8 decode steps
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from selfplay.decoder import Decoder, supports
+
+    m = AutoModelForCausalLM.from_pretrained(base_path).eval()
+    assert supports(m)
+    B, P, N = 6, 9, 8
+    ids = torch.randint(5, 200, (B, P), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(B, P, dtype=torch.long)
+    for b in range(B):
+        mask[b, :b], ids[b, :b] = 0, 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        dec, cache = Decoder(m, B, P + N), DynamicCache(config=m.config)
+        ours = dec.prefill(ids, mask, pos)
+        theirs = m(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+        for _ in range(N):
+            assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+            tok, pos = theirs.argmax(-1)[:, None], pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], 1)
+            ours = dec.step(tok, pos)
+            theirs = m(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                       use_cache=True).logits[:, -1]

@@ -21,6 +21,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from selfplay.config import RunConfig
+from selfplay.functional import lora_logits, lora_supported
 from selfplay.tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -105,6 +106,7 @@ class Policy:
             self.model.add_adapter(lc.tutor, self.lora_config)
         self.adapters = {"student": lc.student, "tutor": lc.student if lc.shared else lc.tutor}
         self._params: dict[str, list] = {}
+        self._functional: dict[str | None, bool] = {}  # adapter -> the functional forward applies
         self.model.eval()
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id
@@ -151,14 +153,26 @@ class Policy:
 
     # ---------------------------------------------------------------- scoring
 
-    def _forward_logprobs(self, b: Batch) -> torch.Tensor:
+    def _forward_logprobs(self, b: Batch, adapter: str | None) -> torch.Tensor:
         """Log-probs under the rollout's sampling distribution (logits / T, then the top-k filter),
-        so the ratio to the sampler's behaviour log-probs is 1 at the weights that sampled."""
+        so the ratio to the sampler's behaviour log-probs is 1 at the weights that sampled.
+        `adapter` None = the base. Supported models take the functional forward (the same sums as
+        peft's, without its per-module overhead), others peft's."""
         dev, g = self.cfg.model.device, self.cfg.generation
         ids, mask = b.input_ids.to(dev), b.attention_mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                            logits_to_keep=b.C + 1).logits[:, :-1].float()  # (B, C, V)
+        if adapter not in self._functional:
+            self._functional[adapter] = lora_supported(self.model, adapter)
+        if self._functional[adapter]:
+            logits = lora_logits(self.model, adapter, ids, mask, pos, b.C + 1)[:, :-1].float()  # (B, C, V)
+        elif adapter is None:
+            with self.model.disable_adapter():
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                    logits_to_keep=b.C + 1).logits[:, :-1].float()
+        else:
+            self.model.set_adapter(adapter)
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                logits_to_keep=b.C + 1).logits[:, :-1].float()
         logits = sampling_logits(logits, g.temperature, g.top_k)
         targets = ids[:, -b.C:]  # (B, C)
         return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)  # (B, C)
@@ -166,13 +180,12 @@ class Policy:
     def logprobs(self, b: Batch, role: str) -> torch.Tensor:
         """Per-token log-probs of the completions under `role`'s adapter, with grad. (B, C)"""
         self.use(role)
-        return self._forward_logprobs(b)
+        return self._forward_logprobs(b, self.adapters[role])
 
     @torch.no_grad()
     def ref_logprobs(self, b: Batch) -> torch.Tensor:
         """Per-token log-probs under the base (adapters disabled). (B, C)"""
-        with self.model.disable_adapter():
-            return self._forward_logprobs(b)
+        return self._forward_logprobs(b, None)
 
 
 def load_policy_from_run(run_dir: Path, cfg: RunConfig) -> Policy:

@@ -1,7 +1,7 @@
 """KV-cache sampler for the torch backend: one prefill, then one forward per new token.
 
 Left-padded prompts, explicit position ids (so padded rows see the same positions as unpadded
-ones); plain Qwen2/Llama models run on `selfplay.decoder` (the same forward as plain tensor ops
+ones); plain Qwen2/Llama models run on `selfplay.functional` (the same forward as plain tensor ops
 with a preallocated KV cache: transformers' per-call machinery cost 4x a tiny model's matmuls),
 anything else on the model with a `DynamicCache`. Finished rows keep decoding pad tokens until every row is done or the
 token cap is hit, then the batch stops. Rows may use different adapters: peft's `adapter_names`
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from selfplay.decoder import Decoder, supports
+from selfplay.functional import Decoder, supports
 from selfplay.policy import sampling_logits
 
 

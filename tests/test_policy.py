@@ -169,7 +169,7 @@ def test_functional_decoder_equals_the_model_forward(base_path):
     # with a DynamicCache: left-padded rows (0..5 pads), a prefill and 8 decode steps
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from selfplay.decoder import Decoder, supports
+    from selfplay.functional import Decoder, supports
 
     m = AutoModelForCausalLM.from_pretrained(base_path).eval()
     assert supports(m)
@@ -190,3 +190,37 @@ def test_functional_decoder_equals_the_model_forward(base_path):
             ours = dec.step(tok, pos)
             theirs = m(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=cache,
                        use_cache=True).logits[:, -1]
+
+
+def test_functional_lora_forward_equals_peft_in_logprobs_and_gradients(policy):
+    # the trainer's functional forward (W x + s·B(A x) as plain ops) against peft's module forward:
+    # same per-token log-probs for each adapter and the base, and the same LoRA gradients
+    from selfplay.functional import lora_logits
+
+    _perturb(policy, "student")
+    _perturb(policy, "tutor", seed=1)
+    prompts = _prompts(policy)
+    comps = [[7, 8, 9, policy.eos_id], [10, policy.eos_id], [11, 12, 13, 14, 15]][: len(prompts)]
+    b = make_batch(prompts[: len(comps)], comps, policy.pad_id)
+    pos = (b.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    m = policy.model
+    for role in ("student", "tutor", None):
+        name = policy.adapters[role] if role else None
+        params = policy.adapter_params(role) if role else []
+        if role:
+            policy.use(role)  # as the trainer does: the role's adapter is the trainable one
+        ours = lora_logits(m, name, b.input_ids, b.attention_mask, pos, b.C + 1).log_softmax(-1)
+        if role:
+            theirs = m(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=pos,
+                       logits_to_keep=b.C + 1).logits.log_softmax(-1)
+        else:
+            with m.disable_adapter():
+                theirs = m(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=pos,
+                           logits_to_keep=b.C + 1).logits.log_softmax(-1)
+        real = b.attention_mask[:, -(b.C + 1):].bool()  # pad positions' outputs are never used
+        assert torch.allclose(ours[real], theirs[real], atol=1e-5), (role, (ours[real] - theirs[real]).abs().max())
+        if params:
+            g_theirs = torch.autograd.grad(theirs[..., 5].masked_fill(~real, 0).sum(), params)
+            g_ours = torch.autograd.grad(ours[..., 5].masked_fill(~real, 0).sum(), params)
+            for a, c in zip(g_ours, g_theirs):
+                assert torch.allclose(a, c, atol=1e-5), (role, (a - c).abs().max())

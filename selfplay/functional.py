@@ -73,6 +73,12 @@ def _block(x, layer, cos, sin, H, Hkv, D, eps, allowed, linear, kv=None) -> torc
     return x + linear(F.silu(linear(h, mlp.gate_proj)) * linear(h, mlp.up_proj), mlp.down_proj)
 
 
+def _heads(c) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head dim) of a model config."""
+    H = c.num_attention_heads
+    return H, c.num_key_value_heads, getattr(c, "head_dim", None) or c.hidden_size // H
+
+
 def _plain(h: torch.Tensor, mod) -> torch.Tensor:
     return F.linear(h, mod.weight, mod.bias)
 
@@ -108,8 +114,7 @@ def lora_logits(peft_model, adapter: str | None, ids: torch.Tensor, mask: torch.
 
     base = peft_model.base_model.model
     inner, c = base.model, base.config
-    H, Hkv = c.num_attention_heads, c.num_key_value_heads
-    D = getattr(c, "head_dim", None) or c.hidden_size // H
+    H, Hkv, D = _heads(c)
     x = F.embedding(ids, inner.embed_tokens.weight)  # (B, T, d)
     cos, sin = inner.rotary_emb(x, pos)
     cos, sin = cos[:, None], sin[:, None]
@@ -125,9 +130,8 @@ class Decoder:
 
     def __init__(self, model, batch: int, max_len: int):
         c = model.config
-        self.model, self.eps = model, c.rms_norm_eps
-        self.H, self.Hkv = c.num_attention_heads, c.num_key_value_heads
-        self.D = getattr(c, "head_dim", None) or c.hidden_size // self.H
+        self.eps = c.rms_norm_eps
+        self.H, self.Hkv, self.D = _heads(c)
         inner = model.model
         self.embed, self.norm, self.rotary, self.layers = inner.embed_tokens.weight, inner.norm.weight, inner.rotary_emb, inner.layers
         self.head = model.lm_head.weight

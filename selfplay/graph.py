@@ -235,6 +235,18 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
             hints.append((turn["hint"], ids))
         return {"turns": s["turns"] + new, "hint_round": r, "hints": hints, "solution": solution}
 
+    def votes(s: EpisodeState, group: str, samples: list[Sample], prompt: str, truth: bool, r: int = 0) -> list[dict]:
+        """One judge turn per sampled verdict, paid for agreeing with the verifier's `truth`."""
+        out = []
+        for smp in samples:
+            pred = TURNS["judge"].parse(smp.text)
+            turn = _turn(s, "tutor", "judge", group, smp, prompt, pol.adapters["tutor"], versions["tutor"], pred,
+                         hint_round=r)
+            turn["verdict"] = "correct" if truth else "incorrect"
+            turn["reward"] = TURNS["judge"].reward(pred, truth)
+            out.append(turn)
+        return out
+
     async def judge(s: EpisodeState) -> dict:
         t = s["current"]
         rng = random.Random(f"{cfg.seed}:{s['episode_id']}")
@@ -245,16 +257,8 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
             picks.append(rng.choice(solved if solved and rng.random() < 0.5 else pool))
         asks = [ask("tutor", "judge", g.judge_votes, tutor_cap, **vars_of(t), attempt=p["parsed"] or "")
                 for p in picks]
-        new = []
-        for k, (p, (text, samples)) in enumerate(zip(picks, await asyncio.gather(*asks))):
-            truth = p["verdict"] == "solved"
-            for smp in samples:
-                pred = TURNS["judge"].parse(smp.text)
-                turn = _turn(s, "tutor", "judge", f"{s['episode_id']}:J{k}", smp, text,
-                             pol.adapters["tutor"], versions["tutor"], pred)
-                turn["verdict"] = "correct" if truth else "incorrect"
-                turn["reward"] = TURNS["judge"].reward(pred, truth)
-                new.append(turn)
+        new = [x for k, (p, (text, samples)) in enumerate(zip(picks, await asyncio.gather(*asks)))
+               for x in votes(s, f"{s['episode_id']}:J{k}", samples, text, p["verdict"] == "solved")]
         return {"turns": s["turns"] + new}
 
     async def proxy_judge(s: EpisodeState) -> dict:
@@ -268,16 +272,10 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
                 for i in todo]
         turns, new = list(s["turns"]), []
         for i, (text, samples) in zip(todo, await asyncio.gather(*asks)):
-            truth = turns[i]["verdict"] == "solved"
-            votes = [TURNS["judge"].parse(smp.text) for smp in samples]
-            share = sum(v is True for v in votes) / len(votes)
+            mine = votes(s, f"{s['episode_id']}:P{r}", samples, text, turns[i]["verdict"] == "solved", r)
+            share = sum(v["parsed"] == "True" for v in mine) / len(mine)
             turns[i] = {**turns[i], "judge": share, "reward": 1.0 if share > 0.5 else 0.0}
-            for smp, pred in zip(samples, votes):
-                turn = _turn(s, "tutor", "judge", f"{s['episode_id']}:P{r}", smp, text,
-                             pol.adapters["tutor"], versions["tutor"], pred, hint_round=r)
-                turn["verdict"] = "correct" if truth else "incorrect"
-                turn["reward"] = TURNS["judge"].reward(pred, truth)
-                new.append(turn)
+            new += mine
         return {"turns": turns + new}
 
     async def start_route(s: EpisodeState) -> str:

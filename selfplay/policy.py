@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,14 +166,10 @@ class Policy:
             self._functional[adapter] = lora_supported(self.model, adapter)
         if self._functional[adapter]:
             logits = lora_logits(self.model, adapter, ids, mask, pos, b.C + 1)[:, :-1].float()  # (B, C, V)
-        elif adapter is None:
-            with self.model.disable_adapter():
+        else:  # peft, on the active adapter (`logprobs` set it) or with adapters off
+            with self.model.disable_adapter() if adapter is None else contextlib.nullcontext():
                 logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
                                     logits_to_keep=b.C + 1).logits[:, :-1].float()
-        else:
-            self.model.set_adapter(adapter)
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                logits_to_keep=b.C + 1).logits[:, :-1].float()
         logits = sampling_logits(logits, g.temperature, g.top_k)
         targets = ids[:, -b.C:]  # (B, C)
         return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)  # (B, C)

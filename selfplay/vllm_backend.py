@@ -34,6 +34,20 @@ from selfplay.sampler import Completion
 _VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
+def save_adapter_version(policy, workdir: Path, serial: int, dirs: list[Path]) -> dict[str, str]:
+    """Save every adapter to `workdir/s<serial>/` and return {adapter: its directory}; `dirs` keeps
+    the saved versions, of which the two newest stay (the one being replaced stays until the new
+    one is live)."""
+    d = workdir / f"s{serial}"
+    shutil.rmtree(d, ignore_errors=True)
+    names = sorted(set(policy.adapters.values()))
+    policy.model.save_pretrained(str(d), selected_adapters=names)
+    dirs.append(d)
+    while len(dirs) > 2:
+        shutil.rmtree(dirs.pop(0), ignore_errors=True)
+    return {n: str((d / n if (d / n).is_dir() else d).resolve()) for n in names}
+
+
 def vllm_lora_rank(r: int) -> int:
     """The smallest LoRA rank vLLM serves that holds an adapter of rank r."""
     return next(k for k in _VLLM_RANKS if k >= r)
@@ -82,17 +96,9 @@ class VLLMBackend:
             self.llm.wake_up()
             self.sleeping = False
         serial = next(self._serial)
-        d = self.workdir / f"s{serial}"
-        shutil.rmtree(d, ignore_errors=True)
-        names = sorted(set(self.policy.adapters.values()))
-        self.policy.model.save_pretrained(str(d), selected_adapters=names)
-        self.requests = {}
-        for k, name in enumerate(names):
-            sub = d / name if (d / name).is_dir() else d
-            self.requests[name] = LoRARequest(f"{name}-s{serial}", serial * len(names) + k + 1, str(sub))
-        self.dirs.append(d)
-        while len(self.dirs) > 2:  # keep the one being replaced until the new one is live
-            shutil.rmtree(self.dirs.pop(0), ignore_errors=True)
+        paths = save_adapter_version(self.policy, self.workdir, serial, self.dirs)
+        self.requests = {name: LoRARequest(f"{name}-s{serial}", serial * len(paths) + k + 1, path)
+                         for k, (name, path) in enumerate(paths.items())}
 
     def sleep(self) -> None:
         if self.cfg.model.vllm_sleep and self.cfg.model.device != "cpu":

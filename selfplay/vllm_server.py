@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
 import tempfile
 import threading
 import time
@@ -38,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from selfplay.sampler import Completion
+from selfplay.vllm_backend import save_adapter_version, vllm_lora_rank
 
 STICKY_PREFIX = 8  # prompt tokens that identify an episode's task for routing
 BASE_NAME = "base"  # the served name of the base model (`--served-model-name`): rows without adapter
@@ -49,8 +49,6 @@ class ServerError(RuntimeError):
 
 def server_command(cfg, base_path: str, port: int) -> list[str]:
     """Arguments after `python` that start a vLLM OpenAI server fit for this config."""
-    from selfplay.vllm_backend import vllm_lora_rank
-
     m = cfg.model
     cmd = ["-m", "vllm.entrypoints.openai.api_server", "--model", base_path, "--dtype", m.dtype,
            "--enable-lora", "--max-loras", "3", "--max-lora-rank", str(vllm_lora_rank(cfg.lora.r)),
@@ -152,20 +150,12 @@ class VLLMServerBackend:
         """Save each adapter to a fresh directory, load it on every live server under a fresh name,
         unload the previous names."""
         serial = next(self._serial)
-        d = self.workdir / f"s{serial}"
-        shutil.rmtree(d, ignore_errors=True)
-        adapters = sorted(set(self.policy.adapters.values()))
-        self.policy.model.save_pretrained(str(d), selected_adapters=adapters)
-        for a in adapters:
-            self.names[a] = f"{a}-{self.token}-s{serial}"
-            self.paths[a] = str((d / a if (d / a).is_dir() else d).resolve())
+        self.paths = save_adapter_version(self.policy, self.workdir, serial, self.dirs)
+        self.names = {a: f"{a}-{self.token}-s{serial}" for a in self.paths}
         for s in self.live():
             self._load_current(s)
         if not self.live():
             raise RuntimeError(f"no vLLM server reachable: {', '.join(self.servers)}")
-        self.dirs.append(d)
-        while len(self.dirs) > 2:
-            shutil.rmtree(self.dirs.pop(0), ignore_errors=True)
 
     def sleep(self) -> None:
         """The servers keep their KV cache (they run beside the trainer, not inside it)."""

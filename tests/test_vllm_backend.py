@@ -101,5 +101,5 @@ def test_selfplay_run_on_vllm_stores_each_iterations_adapter_version(base_path, 
     versions = [r[1] for r in rows]
     assert versions[0] == 0 and versions == sorted(versions) and versions[-1] >= 1, rows
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["after"]["solve_rate"] >= 0
+    assert summary["iterations"] == 3 and summary["totals"]["samples/student"] > 0
     assert sorted(p.name for p in (out / "vllm-adapters").iterdir()) == ["s2", "s3"]  # the last two syncs

@@ -135,6 +135,7 @@ class TrainerCfg(Section):
     train_tutor: bool = Field(True, description="Update the tutor adapter (False freezes it: tutor = base + frozen adapter).")
     train_on_hinted: bool = Field(True, description="Student groups of hinted attempts are trained too (GRPO on the sampled continuation; with hint_place=prompt the prompt keeps the hint).")
     hint_nll: float = Field(0.1, ge=0, description="λ: NLL on the teacher-forced hint tokens of hinted attempts that solved the task (hint_place=response), added to the student's loss.")
+    hindsight_nll: float = Field(0.0, ge=0, description="λ_H: hindsight relabelling (HER, Andrychowicz et al. 2017): a failed attempt whose value v is a whole number in 1..curriculum.max_target (not the numbers' plain sum, not a held-out task) is trained by NLL, with weight λ_H, as a solution of the same numbers with target v. The verifier's work only, no tutor; 0 = off.")
     epochs: int = Field(1, ge=1, description="Gradient steps per batch; >1 makes the ratio clip active (PPO-style reuse).")
     micro_batch: int = Field(256, ge=1, description="Rows per forward/backward (gradients are accumulated).")
 

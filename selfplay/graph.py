@@ -115,6 +115,7 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
     pol = gen.policy
     student_cap, tutor_cap = cfg.generation.max_new_tokens, cfg.generation.tutor_max_new_tokens
     bounds = mutation_range(cfg.curriculum)
+    hindsight = cfg.trainer.hindsight_nll > 0
     env = env if env is not None else {}
 
     def vars_of(t: Task) -> dict:
@@ -126,6 +127,15 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
     async def ask(role: str, kind: str, n: int, cap: int, **vars) -> tuple[str, list[Sample]]:
         text = prompts.render(kind, **vars)
         return text, await gen.generate(role, pol.encode(text), n, cap)
+
+    def relabelled(t: Task, value) -> list[int] | None:
+        """Hindsight: prompt ids of the task a failed attempt did solve (the same numbers, target =
+        its value), when that is a task of the training distribution and not a held-out one."""
+        if value is None or value.denominator != 1 or not 1 <= value <= cfg.curriculum.max_target \
+                or value == sum(t.numbers):
+            return None
+        task = Task(t.numbers, int(value))
+        return None if task.key in heldout else pol.encode(prompts.render("attempt", **vars_of(task), hint=None))
 
     async def solution_of(t: Task) -> str | None:
         t0 = time.perf_counter()
@@ -186,6 +196,8 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
             if turn["kind"] == "attempt" and turn["verdict"] is None:
                 v = verify(turn["parsed"] or "", t.numbers, t.target)
                 turn = {**turn, "verdict": v.reason, "reward": TURNS["attempt"].reward(v, rw.format_credit)}
+                if hindsight and v.reason == "wrong_value":
+                    turn["hindsight_ids"] = relabelled(t, v.value)
                 solved_round |= v.solved
             turns.append(turn)
         out = {"turns": turns, "solved_round": solved_round}

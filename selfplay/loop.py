@@ -139,6 +139,11 @@ class SelfPlay:
                     mine_rows[t["role"]].append(row)
         if not cfg.trainer.train_tutor:
             rows["tutor"], mine_rows["tutor"] = [], []
+        relabelled = hindsight_rows(turns)  # failed attempts, relabelled as solved tasks
+        for row, episode in relabelled:
+            rows["student"].append(row)
+            if episode in local:
+                mine_rows["student"].append(row)
         # 4. update student, then tutor (separate adapters, separate optimizers)
         t1 = time.perf_counter()
         self.backend.sleep()
@@ -150,6 +155,8 @@ class SelfPlay:
         # 5. memory, curriculum feedback, metrics
         m.update(self._account(turns, rows))
         m.update(_turn_metrics(turns))
+        if cfg.trainer.hindsight_nll > 0:
+            m["student/hindsight_rows"] = len(relabelled)
         if self.rank == 0:
             self._record(it, states, turns)
         dt = time.perf_counter() - t0
@@ -246,6 +253,20 @@ class SelfPlay:
         envs = st.get("envs") or [st.get("env", {})]  # per rank (older checkpoints: one process)
         self.env.update(envs[self.rank])  # in place: the graph holds this dict
         return st["iteration"]
+
+
+def hindsight_rows(turns: list[dict]) -> list[tuple[Row, str]]:
+    """(row, episode id) per distinct (relabelled prompt, completion): the whole completion is the
+    target of the hindsight NLL term (`forced` = its length, so no policy-gradient token)."""
+    seen, out = set(), []
+    for t in turns:
+        ids = t.get("hindsight_ids")
+        key = ids and (tuple(ids), tuple(t["completion_ids"]))
+        if key and key not in seen:
+            seen.add(key)
+            n = len(t["completion_ids"])
+            out.append((Row(ids, t["completion_ids"], 0.0, [0.0] * n, n, hindsight=True), t["episode_id"]))
+    return out
 
 
 def count_tokens(turns: list[dict], rows: dict, epochs: int, ref: bool) -> dict[str, int]:

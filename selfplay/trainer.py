@@ -28,6 +28,7 @@ class Row:
     old_logprobs: list[float] | None = None  # behaviour log-probs of the sampler; None = score now
     forced: int = 0  # leading completion tokens that were teacher-forced (a hint), not sampled
     nll: bool = False  # train the forced tokens with the NLL term (the hinted continuation solved)
+    hindsight: bool = False  # a relabelled attempt: every completion token gets the hindsight NLL term
 
 
 def _old_logprobs(rows: list[Row], C: int) -> torch.Tensor | None:
@@ -56,11 +57,12 @@ class Trainer:
         t, pol = self.cfg.trainer, self.policy
         # the normalisers count the rows of EVERY rank (torchrun): the loss of each rank's rows is
         # its share of the global loss, and the summed gradients are one process's on all rows
-        n_rows, n_tokens, n_nll = (int(x) for x in dist.all_sum([
-            len(rows),
+        n_rows, n_tokens, n_nll, n_hs = (int(x) for x in dist.all_sum([
+            sum(not r.hindsight for r in rows),
             sum(len(r.completion_ids) - r.forced for r in rows),  # sampled tokens: the PG normaliser
-            sum(r.forced for r in rows if r.nll)]))
-        if not n_rows:
+            sum(r.forced for r in rows if r.nll),
+            sum(len(r.completion_ids) for r in rows if r.hindsight)]))
+        if not n_rows + n_hs:
             return {}
         t0 = time.perf_counter()
         pol.model.train()
@@ -91,6 +93,9 @@ class Trainer:
                 loss = grpo.aggregate(per_tok, mask, t.aggregation, n_rows, n_tokens, max_tokens)
                 if n_nll and t.hint_nll > 0:
                     loss = loss + t.hint_nll * grpo.nll(lp, nll_mask, n_nll)
+                if n_hs:
+                    hs_mask = b.completion_mask.to(lp.device) * torch.tensor([r.hindsight for r in rs], device=lp.device)[:, None]
+                    loss = loss + t.hindsight_nll * grpo.nll(lp, hs_mask, n_hs)
                 loss.backward()
                 total += loss.item()
                 if epoch == t.epochs - 1:

@@ -166,3 +166,34 @@ def test_same_seed_same_episodes(base_path, tmp_path):
     kinds = {row[0] for row in stored[0]}
     assert {"attempt", "hint", "mutate"} <= kinds, kinds
     assert stored[0] == stored[1]
+
+
+def test_hindsight_relabels_failed_attempts_as_solved_tasks(policy):
+    # A failed attempt reaching a whole value v in 1..max_target (not the plain sum, not held out)
+    # carries the prompt of the task it did solve; anything else carries none.
+    from selfplay.domains.countdown import verify
+    from selfplay.loop import hindsight_rows
+
+    cfg = tiny_config(**{"graph.hint": False, "graph.judge": False, "trainer.hindsight_nll": 1.0})
+    tasks = generate_tasks(24, 5)
+    _, states = _run(policy, cfg, tasks)
+    relabelled = 0
+    for s in states:
+        t = s["current"]
+        for a in (x for x in s["turns"] if x["kind"] == "attempt"):
+            v = verify(a["parsed"] or "", t.numbers, t.target)
+            ok = (v.reason == "wrong_value" and v.value.denominator == 1 and 1 <= v.value <= 100
+                  and v.value != sum(t.numbers))
+            assert bool(a.get("hindsight_ids")) == ok, (a["parsed"], t)
+            if ok:
+                relabelled += 1
+                prompt = policy.decode(a["hindsight_ids"])
+                assert prompt == f"S:{' '.join(map(str, t.numbers))}>{v.value}|"
+                assert verify(a["parsed"], t.numbers, int(v.value)).solved  # the relabelled task is solved
+    assert relabelled >= 5
+    turns = [a for s in states for a in s["turns"]]
+    rows = hindsight_rows(turns + turns)  # a repeated (prompt, completion) is one row
+    assert len(rows) == len({(tuple(a["hindsight_ids"]), tuple(a["completion_ids"])) for a in turns
+                             if a.get("hindsight_ids")})
+    for row, _ in rows:  # every completion token is NLL-trained, none gets a policy gradient
+        assert row.hindsight and row.forced == len(row.completion_ids) and row.advantage == 0.0

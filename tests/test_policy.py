@@ -224,3 +224,30 @@ def test_functional_lora_forward_equals_peft_in_logprobs_and_gradients(policy):
             g_ours = torch.autograd.grad(ours[..., 5].masked_fill(~real, 0).sum(), params)
             for a, c in zip(g_ours, g_theirs):
                 assert torch.allclose(a, c, atol=1e-5), (role, (a - c).abs().max())
+
+
+def test_hindsight_rows_add_only_their_weighted_token_nll(base_path):
+    # Loss of a batch = the PG rows' loss + λ_H · (−Σ log p of the hindsight tokens) / their count.
+    # With one PG row whose advantage is 0 (ratio 1: its loss is exactly 0) and two hindsight rows of
+    # 3 and 2 tokens, the loss must be λ_H · (−Σ over the 5 tokens) / 5, with λ_H = 2.
+    import pytest
+
+    from selfplay.policy import Policy
+    from selfplay.trainer import Row, Trainer
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(**{"trainer.hindsight_nll": 2.0})
+    pol = Policy(cfg, base_path)
+    p1, p2 = pol.encode("S:3 7 25>21|"), pol.encode("S:3 7 25>11|")
+    c1, c2 = pol.tokenizer("3+25-7", add_special_tokens=False)["input_ids"], pol.tokenizer("3+7", add_special_tokens=False)["input_ids"]
+    assert (len(c1), len(c2)) == (5, 3)
+    c1, c2 = c1[:3], c2[:2]
+    b = make_batch([p1, p2], [c1, c2], pol.pad_id)
+    with torch.no_grad():
+        lp = pol.logprobs(b, "student")
+    nll = -(lp[0, :3].sum() + lp[1, :2].sum()).item() / 5
+    rows = [Row(p1, c1, 0.0, None), Row(p1, c1, 0.0, [0.0] * 3, 3, hindsight=True),
+            Row(p2, c2, 0.0, [0.0] * 2, 2, hindsight=True)]
+    m = Trainer(pol, cfg).step("student", rows, cfg.generation.max_new_tokens)
+    assert m["student/loss"] == pytest.approx(2.0 * nll, rel=1e-5)
+    assert m["student/grad_norm"] > 0  # the NLL term moves the adapter

@@ -1,7 +1,7 @@
 """A functional Qwen2/Llama forward: plain tensor ops over the weights of a loaded transformers
 model. `Decoder` samples with a preallocated KV cache (the sampler's merged copies of the base);
-`lora_logits` is the trainer's full-sequence forward through one peft adapter (W x + s·B(A x)),
-with autograd into the LoRA weights.
+`lora_logits` is the trainer's forward through one peft adapter (W x + s·B(A x)), with autograd
+into the LoRA weights; each distinct prompt of a batch runs once and its rows share its keys/values.
 
 Why: at the tiny model's size, transformers' per-call machinery (mask construction, cache
 objects, output classes, module hooks) costs about 4x the matmuls of a decode step (measured
@@ -51,9 +51,10 @@ def _mask(mask: torch.Tensor, T: int) -> torch.Tensor:
     return (causal & mask.bool()[:, None, :]) | torch.eye(T, dtype=torch.bool, device=mask.device)
 
 
-def _block(x, layer, cos, sin, H, Hkv, D, eps, allowed, linear, kv=None) -> torch.Tensor:
-    """One decoder layer; `linear(h, module)` applies a projection (with or without LoRA); `kv`
-    (k_cache, v_cache, lo) writes the new keys/values at slot lo and attends over slots [0, hi)."""
+def _block(x, layer, cos, sin, H, Hkv, D, eps, allowed, linear, kv=None, prefix=None):
+    """One decoder layer -> (x, (k, v)) with this call's own keys/values. `linear(h, module)` applies
+    a projection (with or without LoRA); `kv` (k_cache, v_cache, lo) writes the new keys/values at
+    slot lo and attends over slots [0, hi); `prefix` (k, v) are keys/values attended before them."""
     B, T, _ = x.shape
     att = layer.self_attn
     h = _rms(x, layer.input_layernorm.weight, eps)
@@ -62,15 +63,18 @@ def _block(x, layer, cos, sin, H, Hkv, D, eps, allowed, linear, kv=None) -> torc
     v = linear(h, att.v_proj).view(B, T, Hkv, D).transpose(1, 2)
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
+    own = (k, v)
     if kv is not None:
         kc, vc, lo = kv
         kc[:, :, lo:lo + T], vc[:, :, lo:lo + T] = k, v
         k, v = kc[:, :, :lo + T], vc[:, :, :lo + T]
+    if prefix is not None:
+        k, v = torch.cat([prefix[0], k], 2), torch.cat([prefix[1], v], 2)
     a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=Hkv != H)  # (B, H, T, D)
     x = x + linear(a.transpose(1, 2).reshape(B, T, H * D), att.o_proj)
     h = _rms(x, layer.post_attention_layernorm.weight, eps)
     mlp = layer.mlp
-    return x + linear(F.silu(linear(h, mlp.gate_proj)) * linear(h, mlp.up_proj), mlp.down_proj)
+    return x + linear(F.silu(linear(h, mlp.gate_proj)) * linear(h, mlp.up_proj), mlp.down_proj), own
 
 
 def _heads(c) -> tuple[int, int, int]:
@@ -97,10 +101,15 @@ def lora_supported(peft_model, adapter: str | None) -> bool:
     return True
 
 
-def lora_logits(peft_model, adapter: str | None, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
-                keep: int) -> torch.Tensor:
-    """Logits of the last `keep` positions (B, keep, V) through `adapter`'s LoRA (None = the base),
-    differentiable in the LoRA weights; the same sum as peft's: base(x) + B(A(x)) * scaling."""
+def lora_logits(peft_model, adapter: str | None, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                index: torch.Tensor, completion_ids: torch.Tensor) -> torch.Tensor:
+    """Logits (B, C, V) predicting each completion token, through `adapter`'s LoRA (None = the
+    base), differentiable in the LoRA weights; the same sum as peft's: base(x) + B(A(x)) * scaling.
+
+    Shared prompts: row i's prompt is prompt_ids[index[i]] ((U, P), left-padded); its completion is
+    completion_ids[i] ((B, C), right-padded). Each distinct prompt runs once and its keys/values
+    are shared by its rows (the G samples of a group), so the gradient of every row flows back into
+    one prompt pass: (U·P + B·C) token-forwards instead of B·(P + C)."""
     from peft.tuners.lora import LoraLayer
 
     def linear(h, mod):
@@ -115,13 +124,21 @@ def lora_logits(peft_model, adapter: str | None, ids: torch.Tensor, mask: torch.
     base = peft_model.base_model.model
     inner, c = base.model, base.config
     H, Hkv, D = _heads(c)
-    x = F.embedding(ids, inner.embed_tokens.weight)  # (B, T, d)
-    cos, sin = inner.rotary_emb(x, pos)
-    cos, sin = cos[:, None], sin[:, None]
-    allowed = _mask(mask, ids.shape[1])
+    (U, P), (B, C) = prompt_ids.shape, completion_ids.shape
+    xp = F.embedding(prompt_ids, inner.embed_tokens.weight)  # (U, P, d)
+    cos_p, sin_p = inner.rotary_emb(xp, (prompt_mask.cumsum(-1) - 1).clamp(min=0))
+    xc = F.embedding(completion_ids, inner.embed_tokens.weight)  # (B, C, d)
+    pos_c = prompt_mask.sum(-1)[index][:, None] + torch.arange(C, device=xc.device)[None]  # (B, C)
+    cos_c, sin_c = inner.rotary_emb(xc, pos_c)
+    allowed_p = _mask(prompt_mask, P)  # (U, P, P)
+    causal = torch.ones(C, C, dtype=torch.bool, device=xc.device).tril()
+    allowed_c = torch.cat([prompt_mask.bool()[index][:, None, :].expand(B, C, P), causal.expand(B, C, C)], -1)
     for layer in inner.layers:
-        x = _block(x, layer, cos, sin, H, Hkv, D, c.rms_norm_eps, allowed, linear)
-    return F.linear(_rms(x[:, -keep:], inner.norm.weight, c.rms_norm_eps), base.lm_head.weight)
+        xp, (kp, vp) = _block(xp, layer, cos_p[:, None], sin_p[:, None], H, Hkv, D, c.rms_norm_eps, allowed_p, linear)
+        xc, _ = _block(xc, layer, cos_c[:, None], sin_c[:, None], H, Hkv, D, c.rms_norm_eps, allowed_c, linear,
+                       prefix=(kp[index], vp[index]))
+    h = torch.cat([xp[:, -1][index][:, None], xc[:, :-1]], 1)  # (B, C, d): the prompt's last position predicts token 0
+    return F.linear(_rms(h, inner.norm.weight, c.rms_norm_eps), base.lm_head.weight)
 
 
 class Decoder:
@@ -146,7 +163,7 @@ class Decoder:
         cos, sin = self.rotary(x, pos)  # (B, T, D)
         cos, sin = cos[:, None], sin[:, None]
         for i, layer in enumerate(self.layers):
-            x = _block(x, layer, cos, sin, self.H, self.Hkv, self.D, self.eps, allowed, _plain, (self.k[i], self.v[i], self.n))
+            x, _ = _block(x, layer, cos, sin, self.H, self.Hkv, self.D, self.eps, allowed, _plain, (self.k[i], self.v[i], self.n))
         self.n += ids.shape[1]
         return F.linear(_rms(x[:, -1], self.norm, self.eps), self.head)  # (B, V)
 

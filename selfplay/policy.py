@@ -161,12 +161,15 @@ class Policy:
         peft's, without its per-module overhead), others peft's."""
         dev, g = self.cfg.model.device, self.cfg.generation
         ids, mask = b.input_ids.to(dev), b.attention_mask.to(dev)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
         if adapter not in self._functional:
             self._functional[adapter] = lora_supported(self.model, adapter)
         if self._functional[adapter]:
-            logits = lora_logits(self.model, adapter, ids, mask, pos, b.C + 1)[:, :-1].float()  # (B, C, V)
+            P = ids.shape[1] - b.C
+            # distinct prompts (with their padding) run once; the G rows of a group share them
+            uniq, index = torch.unique(torch.cat([ids[:, :P], mask[:, :P]], 1), dim=0, return_inverse=True)
+            logits = lora_logits(self.model, adapter, uniq[:, :P], uniq[:, P:], index, ids[:, P:]).float()  # (B, C, V)
         else:  # peft, on the active adapter (`logprobs` set it) or with adapters off
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
             with self.model.disable_adapter() if adapter is None else contextlib.nullcontext():
                 logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
                                     logits_to_keep=b.C + 1).logits[:, :-1].float()

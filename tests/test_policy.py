@@ -193,37 +193,44 @@ def test_functional_decoder_equals_the_model_forward(base_path):
 
 
 def test_functional_lora_forward_equals_peft_in_logprobs_and_gradients(policy):
-    # the trainer's functional forward (W x + s·B(A x) as plain ops) against peft's module forward:
-    # same per-token log-probs for each adapter and the base, and the same LoRA gradients
+    # the trainer's functional forward (W x + s·B(A x) as plain ops, each distinct prompt run once and
+    # shared by its rows) against peft's module forward on the full rows: same per-token log-probs for
+    # each adapter and the base, and the same LoRA gradients
     from selfplay.functional import lora_logits
 
     _perturb(policy, "student")
     _perturb(policy, "tutor", seed=1)
-    prompts = _prompts(policy)
-    comps = [[7, 8, 9, policy.eos_id], [10, policy.eos_id], [11, 12, 13, 14, 15]][: len(prompts)]
-    b = make_batch(prompts[: len(comps)], comps, policy.pad_id)
+    p = _prompts(policy)
+    prompts = [p[0], p[1], p[0], p[2], p[0]]  # three rows share one prompt, as a GRPO group's do
+    comps = [[7, 8, 9, policy.eos_id], [10, policy.eos_id], [11, 12, 13, 14, 15], [7, policy.eos_id], [9]]
+    b = make_batch(prompts, comps, policy.pad_id)
     pos = (b.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    P = b.input_ids.shape[1] - b.C
+    uniq, index = torch.unique(torch.cat([b.input_ids[:, :P], b.attention_mask[:, :P]], 1), dim=0, return_inverse=True)
+    assert len(uniq) == 3
     m = policy.model
     for role in ("student", "tutor", None):
         name = policy.adapters[role] if role else None
         params = policy.adapter_params(role) if role else []
         if role:
             policy.use(role)  # as the trainer does: the role's adapter is the trainable one
-        ours = lora_logits(m, name, b.input_ids, b.attention_mask, pos, b.C + 1).log_softmax(-1)
+        ours = lora_logits(m, name, uniq[:, :P], uniq[:, P:], index, b.input_ids[:, P:]).log_softmax(-1)
         if role:
             theirs = m(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=pos,
-                       logits_to_keep=b.C + 1).logits.log_softmax(-1)
+                       logits_to_keep=b.C + 1).logits[:, :-1].log_softmax(-1)
         else:
             with m.disable_adapter():
                 theirs = m(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=pos,
-                           logits_to_keep=b.C + 1).logits.log_softmax(-1)
-        real = b.attention_mask[:, -(b.C + 1):].bool()  # pad positions' outputs are never used
+                           logits_to_keep=b.C + 1).logits[:, :-1].log_softmax(-1)
+        real = b.completion_mask.bool()  # pad positions' outputs are never used
         assert torch.allclose(ours[real], theirs[real], atol=1e-5), (role, (ours[real] - theirs[real]).abs().max())
         if params:
             g_theirs = torch.autograd.grad(theirs[..., 5].masked_fill(~real, 0).sum(), params)
             g_ours = torch.autograd.grad(ours[..., 5].masked_fill(~real, 0).sum(), params)
             for a, c in zip(g_ours, g_theirs):
-                assert torch.allclose(a, c, atol=1e-5), (role, (a - c).abs().max())
+                # relative to the gradient's norm: the shared prompt sums its rows' gradients in another
+                # order (measured <= 3e-6; a wrong mask or position is off by far more)
+                assert float((a - c).norm()) <= 1e-5 * float(c.norm()) + 1e-7, (role, float((a - c).norm() / c.norm()))
 
 
 def test_hindsight_rows_add_only_their_weighted_token_nll(base_path):

@@ -159,18 +159,28 @@ class Decoder:
         self.n = 0  # slots filled
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """The first len(ids) rows of the cache take the new tokens."""
         x = F.embedding(ids, self.embed)  # (B, T, d)
         cos, sin = self.rotary(x, pos)  # (B, T, D)
         cos, sin = cos[:, None], sin[:, None]
+        n = len(ids)
         for i, layer in enumerate(self.layers):
-            x, _ = _block(x, layer, cos, sin, self.H, self.Hkv, self.D, self.eps, allowed, _plain, (self.k[i], self.v[i], self.n))
+            x, _ = _block(x, layer, cos, sin, self.H, self.Hkv, self.D, self.eps, allowed, _plain,
+                          (self.k[i][:n], self.v[i][:n], self.n))
         self.n += ids.shape[1]
         return F.linear(_rms(x[:, -1], self.norm, self.eps), self.head)  # (B, V)
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """ids, mask, pos: (B, P), left-padded."""
-        self.valid[:, :ids.shape[1]] = mask.bool()
-        return self._forward(ids, pos, _mask(mask, ids.shape[1]))
+        """ids, mask, pos: (B, P), left-padded. Identical prompts (a group's G rows) run once; their
+        keys/values are then copied to each of their rows."""
+        P = ids.shape[1]
+        self.valid[:, :P] = mask.bool()
+        uniq, index = torch.unique(torch.cat([ids, mask], 1), dim=0, return_inverse=True)
+        u_ids, u_mask = uniq[:, :P], uniq[:, P:]
+        logits = self._forward(u_ids, (u_mask.cumsum(-1) - 1).clamp(min=0), _mask(u_mask, P))  # (U, V)
+        for kc, vc in zip(self.k, self.v):
+            kc[:, :, :P], vc[:, :, :P] = kc[:len(uniq), :, :P][index], vc[:len(uniq), :, :P][index]
+        return logits[index]
 
     def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """tok, pos: (B, 1); the new token is a real key for every row (finished rows are ignored)."""

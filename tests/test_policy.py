@@ -166,7 +166,8 @@ def test_chat_template_encoding_gives_token_ids(base_path):
 
 def test_functional_decoder_equals_the_model_forward(base_path):
     # the sampler's decoder (plain tensor ops, preallocated KV cache) against transformers' forward
-    # with a DynamicCache: left-padded rows (0..5 pads), a prefill and 8 decode steps
+    # with a DynamicCache: left-padded rows (0..5 pads, three of them repeated), a prefill and 8
+    # decode steps
     from transformers import AutoModelForCausalLM, DynamicCache
 
     from selfplay.functional import Decoder, supports
@@ -178,6 +179,7 @@ def test_functional_decoder_equals_the_model_forward(base_path):
     mask = torch.ones(B, P, dtype=torch.long)
     for b in range(B):
         mask[b, :b], ids[b, :b] = 0, 0
+    ids, mask, B = torch.cat([ids, ids[[1, 3, 3]]]), torch.cat([mask, mask[[1, 3, 3]]]), B + 3  # repeated prompts prefill once
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         dec, cache = Decoder(m, B, P + N), DynamicCache(config=m.config)

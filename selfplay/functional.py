@@ -96,7 +96,8 @@ def lora_supported(peft_model, adapter: str | None) -> bool:
         return False
     for mod in base.modules():
         if isinstance(mod, LoraLayer) and adapter in mod.lora_A:
-            if not isinstance(mod.lora_dropout[adapter], torch.nn.Identity) or mod.use_dora.get(adapter):
+            if (not isinstance(mod.lora_dropout[adapter], torch.nn.Identity) or mod.use_dora.get(adapter)
+                    or mod.lora_B[adapter].bias is not None):
                 return False
     return True
 
@@ -113,13 +114,14 @@ def lora_logits(peft_model, adapter: str | None, prompt_ids: torch.Tensor, promp
     from peft.tuners.lora import LoraLayer
 
     def linear(h, mod):
-        if isinstance(mod, LoraLayer):
-            base = mod.get_base_layer()
-            y = F.linear(h, base.weight, base.bias)
-            if adapter in mod.lora_A:
-                y = y + mod.lora_B[adapter](mod.lora_A[adapter](h)) * mod.scaling[adapter]
+        if not isinstance(mod, LoraLayer):
+            return _plain(h, mod)
+        y = _plain(h, mod.get_base_layer())
+        if adapter not in mod.lora_A:
             return y
-        return _plain(h, mod)
+        # the scaling on the rank-r side (r of the out columns), the add fused into the B matmul
+        a = F.linear(h, mod.lora_A[adapter].weight) * mod.scaling[adapter]  # (..., r)
+        return torch.addmm(y.flatten(0, -2), a.flatten(0, -2), mod.lora_B[adapter].weight.t()).view_as(y)
 
     base = peft_model.base_model.model
     inner, c = base.model, base.config
@@ -133,11 +135,11 @@ def lora_logits(peft_model, adapter: str | None, prompt_ids: torch.Tensor, promp
     allowed_p = _mask(prompt_mask, P)  # (U, P, P)
     causal = torch.ones(C, C, dtype=torch.bool, device=xc.device).tril()
     allowed_c = torch.cat([prompt_mask.bool()[index][:, None, :].expand(B, C, P), causal.expand(B, C, C)], -1)
-    for layer in inner.layers:
+    for layer in inner.layers:  # (index_select, not [index]: its backward is 10x faster on CPU)
         xp, (kp, vp) = _block(xp, layer, cos_p[:, None], sin_p[:, None], H, Hkv, D, c.rms_norm_eps, allowed_p, linear)
         xc, _ = _block(xc, layer, cos_c[:, None], sin_c[:, None], H, Hkv, D, c.rms_norm_eps, allowed_c, linear,
-                       prefix=(kp[index], vp[index]))
-    h = torch.cat([xp[:, -1][index][:, None], xc[:, :-1]], 1)  # (B, C, d): the prompt's last position predicts token 0
+                       prefix=(kp.index_select(0, index), vp.index_select(0, index)))
+    h = torch.cat([xp[:, -1].index_select(0, index)[:, None], xc[:, :-1]], 1)  # (B, C, d): the prompt's last position predicts token 0
     return F.linear(_rms(h, inner.norm.weight, c.rms_norm_eps), base.lm_head.weight)
 
 

@@ -184,6 +184,12 @@ class Decoder:
             kc[:, :, :P], vc[:, :, :P] = kc[:len(uniq), :, :P][index], vc[:len(uniq), :, :P][index]
         return logits[index]
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these rows of the cache (finished rows leave the batch)."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+        self.valid = self.valid.index_select(0, rows)
+
     def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """tok, pos: (B, 1); the new token is a real key for every row (finished rows are ignored)."""
         self.valid[:, self.n] = True

@@ -3,9 +3,11 @@
 Left-padded prompts, explicit position ids (so padded rows see the same positions as unpadded
 ones); plain Qwen2/Llama models run on `selfplay.functional` (the same forward as plain tensor ops
 with a preallocated KV cache: transformers' per-call machinery cost 4x a tiny model's matmuls),
-anything else on the model with a `DynamicCache`. Finished rows keep decoding pad tokens until every row is done or the
-token cap is hit, then the batch stops. Rows may use different adapters: peft's `adapter_names`
-(one name per row, `"__base__"` = adapters off) selects the LoRA weights per row inside one forward.
+anything else on the model with a `DynamicCache`. Finished rows decode pad tokens until every row
+is done or the token cap is hit; on the functional decoder, once half the live rows are done they
+leave the batch (cache rows too), so one long answer does not drag 128 rows through every step.
+Rows may use different adapters: peft's `adapter_names` (one name per row, `"__base__"` = adapters
+off) selects the LoRA weights per row inside one forward.
 
 Returns, per row, the completion token ids (EOS included when reached) and the behaviour log-probs of the
 sampled tokens under the tempered distribution. `max_new_tokens` may be one cap per row (a fused
@@ -47,7 +49,8 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int | list[int], 
     caps = torch.tensor(max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * B,
                         device=device)  # (B,) per-row token caps
     max_new_tokens = int(caps.max())
-    if adapter_names is None and supports(model):  # the functional decoder: same logits, no per-call overhead
+    compact = adapter_names is None and supports(model)
+    if compact:  # the functional decoder: same logits, no per-call overhead
         dec = Decoder(model, B, P + max_new_tokens)
         logits = dec.prefill(ids, mask, pos)  # (B, V)
 
@@ -64,33 +67,39 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int | list[int], 
                          use_cache=True, **kw).logits[:, -1]
     out_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_lp = torch.zeros((B, max_new_tokens), device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)  # tokens each row really sampled
     hit_eos = torch.zeros(B, dtype=torch.bool, device=device)
-    next_pos = pos[:, -1:] + 1  # (B, 1)
+    rows = torch.arange(B, device=device)  # the original row of each live row (all of them until compacted)
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # per live row
+    next_pos = pos[:, -1:] + 1  # (b, 1)
     n = 0
     for n in range(1, max_new_tokens + 1):
         logits = logits.float()
+        b = len(rows)
         if temperature > 0:
             logp = sampling_logits(logits, temperature, top_k).log_softmax(-1)
             # inverse-CDF sampling: one uniform per row (torch.multinomial was the sampler's top cost)
             # u > 0, so the first index whose cdf reaches u * total has positive probability
-            u = torch.rand((B, 1), generator=generator, device=device).clamp(min=1e-12)
-            cdf = logp.exp().cumsum(-1)  # (B, V)
-            tok = (cdf < u * cdf[:, -1:]).sum(-1).clamp(max=logits.shape[-1] - 1)  # (B,)
+            u = torch.rand((b, 1), generator=generator, device=device).clamp(min=1e-12)
+            cdf = logp.exp().cumsum(-1)  # (b, V)
+            tok = (cdf < u * cdf[:, -1:]).sum(-1).clamp(max=logits.shape[-1] - 1)  # (b,)
         else:
             logp = logits.log_softmax(-1)
             tok = logits.argmax(-1)
         lp = logp.gather(-1, tok[:, None]).squeeze(-1)
         tok = tok.masked_fill(done, pad_id)
-        out_ids[:, n - 1] = tok
-        out_lp[:, n - 1] = lp.masked_fill(done, 0.0)
-        lengths += (~done).long()
-        hit_eos |= ~done & (tok == eos_id)  # a pad equal to EOS after a row ended is not an EOS
+        out_ids[rows, n - 1] = tok
+        out_lp[rows, n - 1] = lp.masked_fill(done, 0.0)
+        lengths[rows] += (~done).long()
+        hit_eos[rows] |= ~done & (tok == eos_id)  # a pad equal to EOS after a row ended is not an EOS
         done |= (tok == eos_id) | (caps <= n)
         if bool(done.all()) or n == max_new_tokens:
             break
-        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], 1)
+        if compact and 2 * int(done.sum()) >= b:  # drop finished rows: one long answer no longer drags all
+            keep = (~done).nonzero().squeeze(1)
+            rows, tok, next_pos, caps, done, mask = (x[keep] for x in (rows, tok, next_pos, caps, done, mask))
+            dec.keep(keep)
+        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], 1)
         logits = forward(tok[:, None], next_pos, mask)
         next_pos = next_pos + 1
     out_ids, out_lp = out_ids[:, :n].tolist(), out_lp[:, :n].tolist()

@@ -121,6 +121,32 @@ def test_merged_generation_backend_matches_peft(policy):
         assert o.logprobs == __import__("pytest").approx(r.logprobs, abs=1e-4)
 
 
+def test_compacted_batch_gives_the_same_tokens_and_logprobs(policy):
+    # The functional decoder drops finished rows once half the live rows are done. Four rows cut at
+    # 2 tokens and one EOS force that after step 2; the three rows decoding on must match the
+    # uncompacted peft path token for token (greedy), and sampled rows' behaviour log-probs must
+    # equal the trainer's.
+    from selfplay.generator import TorchBackend
+
+    _perturb(policy, "student", 9)
+    prompts = _prompts(policy) * 2
+    caps = [2, 2, 2, 2, 16, 16, 16, 16]  # greedy lengths 6, 12, 6, 2 for the last four: compactions after steps 2 and 6
+    backend = TorchBackend(policy, 1.0, 0, seed=0)  # the policy's own sampling distribution
+    ours = backend.complete(prompts, ["student"] * 8, caps, temperature=0)
+    ref = sample(policy.model, prompts, max_new_tokens=caps, eos_id=policy.eos_id, pad_id=policy.pad_id,
+                 temperature=0, adapter_names=["student"] * 8)
+    assert sorted(len(o.ids) for o in ours)[-3:] == [6, 6, 12], "three rows must outlive the compaction"
+    assert [o.ids for o in ours] == [r.ids for r in ref]
+    for o, r in zip(ours, ref):
+        assert o.logprobs == __import__("pytest").approx(r.logprobs, abs=1e-4)
+    sampled = backend.complete(prompts, ["student"] * 8, caps)
+    b = make_batch(prompts, [o.ids for o in sampled], policy.pad_id)
+    with torch.no_grad():
+        lp = policy.logprobs(b, "student")
+    for i, o in enumerate(sampled):
+        assert lp[i, : len(o.ids)].tolist() == __import__("pytest").approx(o.logprobs, abs=1e-4)
+
+
 def test_row_cut_at_its_cap_gets_no_pad_as_eos(policy):
     # pad == EOS, as in many real tokenizers (SmolLM2): row 0 is cut at 2 tokens while row 1 decodes
     # on, so row 0 is padded with the EOS id afterwards; that pad must not become its "EOS".

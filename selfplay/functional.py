@@ -70,7 +70,13 @@ def _block(x, layer, cos, sin, H, Hkv, D, eps, allowed, linear, kv=None, prefix=
         k, v = kc[:, :, :lo + T], vc[:, :, :lo + T]
     if prefix is not None:
         k, v = torch.cat([prefix[0], k], 2), torch.cat([prefix[1], v], 2)
-    a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=Hkv != H)  # (B, H, T, D)
+    if T == 1:  # a decode step: plain math beats SDPA's CPU flash kernel at one query (1.5x measured)
+        if Hkv != H:
+            k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+        scores = (q @ k.transpose(-1, -2)) * D ** -0.5  # (B, H, 1, S)
+        a = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1) @ v  # (B, H, 1, D)
+    else:
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=Hkv != H)  # (B, H, T, D)
     x = x + linear(a.transpose(1, 2).reshape(B, T, H * D), att.o_proj)
     h = _rms(x, layer.post_attention_layernorm.weight, eps)
     mlp = layer.mlp

@@ -87,7 +87,8 @@ def main():
     a = args(lambda p: (p.add_argument("--iters", type=int, default=20), p.add_argument("--trl", action="store_true"),
                         p.add_argument("--rounds", type=int, default=1)))
     setup(a.threads, a.set)  # builds the base if needed
-    plain = ["graph.hint=false", "graph.mutate=false", "graph.judge=false", "trainer.train_tutor=false"]
+    plain = ["graph.hint=false", "graph.mutate=false", "graph.judge=false", "trainer.train_tutor=false",
+             "trainer.hindsight_nll=0"]  # plain GRPO: the default config relabels failures too
     rows, ours, theirs = [], [], []
     for r in range(a.rounds):  # alternate, so drift of the machine hits both sides
         _, ms = time_iterations(plain, a.threads, a.iters, a.set)

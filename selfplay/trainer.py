@@ -41,6 +41,23 @@ def _old_logprobs(rows: list[Row], C: int) -> torch.Tensor | None:
     return out
 
 
+def micro_batches(rows: list[Row], size: int, buckets: bool) -> list[list[Row]]:
+    """Micro-batches of at most `size` rows. With `buckets`, rows are sorted by completion length
+    and the sorted list is cut once more where that saves at least a quarter of the padded
+    completion tokens (rows x longest completion per micro-batch)."""
+    if not buckets:
+        return [rows[i: i + size] for i in range(0, len(rows), size)]
+    rows = sorted(rows, key=lambda r: len(r.completion_ids))
+    out = []
+    for i in range(0, len(rows), size):
+        chunk = rows[i: i + size]
+        lens = [len(r.completion_ids) for r in chunk]
+        padded = len(chunk) * lens[-1]
+        cost, k = min((k * lens[k - 1] + (len(chunk) - k) * lens[-1], k) for k in range(1, len(chunk) + 1))
+        out += [chunk[:k], chunk[k:]] if k < len(chunk) and cost <= 0.75 * padded else [chunk]
+    return out
+
+
 class Trainer:
     def __init__(self, policy: Policy, cfg: RunConfig):
         self.policy, self.cfg = policy, cfg
@@ -69,8 +86,7 @@ class Trainer:
         pol.use(role)
         params = pol.adapter_params(role)
         opt = self.opt[role]
-        mb = t.micro_batch
-        batches = [rows[i: i + mb] for i in range(0, len(rows), mb)]
+        batches = micro_batches(rows, t.micro_batch, t.length_buckets)
         built = [make_batch([r.prompt_ids for r in b], [r.completion_ids for r in b], pol.pad_id) for b in batches]
         old = [_old_logprobs(rs, b.C) for rs, b in zip(batches, built)]
         stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0}

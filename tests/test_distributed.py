@@ -67,7 +67,8 @@ def test_two_processes_give_one_process_gradients_and_adapters(base_path, tmp_pa
     # both sum the same two float32 partial gradients: gradients and adapters must agree (to 1e-5;
     # they come out equal to the bit).
     # no clipping: a clipped gradient (and Adam) would hide a wrong scale, e.g. DDP's average
-    cfg = tiny_config(**{"trainer.epochs": 2, "trainer.hint_nll": 0.5, "trainer.micro_batch": 7, "trainer.max_grad_norm": 1e9})
+    cfg = tiny_config(**{"trainer.epochs": 2, "trainer.hint_nll": 0.5, "trainer.micro_batch": 7, "trainer.max_grad_norm": 1e9,
+                         "trainer.length_buckets": False})  # the micro-batches are the shards
     one, twos = _one_vs_two(tmp_path, base_path, cfg, "aligned")
     for two in twos:
         for n in one:

@@ -117,3 +117,17 @@ def test_class_balanced_judge_advantages_by_hand():
     assert adv == pytest.approx([0.2, -0.4, 0.6, 2.0, 5.0])
     # one class only: weights n / (1 · n) = 1
     assert class_balanced([0.5, -0.5], ["incorrect", "incorrect"]) == pytest.approx([0.5, -0.5])
+
+
+def test_length_buckets_by_hand():
+    from selfplay.trainer import Row, micro_batches
+
+    rows = [Row([1], [2] * n, 0.0) for n in (16, 6, 6, 6, 6, 16, 6, 6, 6, 6)]
+    # sorted: eight of 6 tokens, two of 16. One micro-batch pads to 10 x 16 = 160 completion tokens;
+    # cut after the eighth: 8 x 6 + 2 x 16 = 80 <= 0.75 x 160, so two micro-batches
+    got = micro_batches(rows, 256, True)
+    assert [[len(r.completion_ids) for r in b] for b in got] == [[6] * 8, [16] * 2]
+    # nine of 6 and one of 7: the best cut saves 10 x 7 - (9 x 6 + 7) = 9 < 70 / 4, so no cut
+    rows = [Row([1], [2] * n, 0.0) for n in [6] * 9 + [7]]
+    assert [len(b) for b in micro_batches(rows, 256, True)] == [10]
+    assert [len(b) for b in micro_batches(rows, 4, False)] == [4, 4, 2]  # off: the rows' order, by size

@@ -18,7 +18,9 @@ Variant (defaults in `TrainerCfg`):
 - Teacher-forced hint tokens (a hint placed at the start of the student's completion) are not the
   policy's samples: no ratio, no advantage. They get an NLL term instead, on rows whose sampled
   continuation solved the task: L = L_pg(sampled tokens) + λ · mean NLL(forced tokens of those
-  rows) (`trainer.hint_nll`; UFT/BREAD's supervised term on the given prefix).
+  rows) (`trainer.hint_nll`; UFT/BREAD's supervised term on the given prefix). Hindsight rows
+  (HER-style relabelling of failed attempts, built in loop.py) add λ_H · mean NLL over their
+  tokens, normalised apart (`trainer.hindsight_nll`).
 - Judge votes are class-balanced (`trainer.judge_class_balance`): after the per-group
   normalisation, each judge turn's advantage is scaled by n / (K · n_c), n_c the judge turns of this
   iteration on attempts of its true class c (K classes present). Most attempts are wrong, so

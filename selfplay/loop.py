@@ -1,7 +1,8 @@
 """The self-play loop. One iteration, top to bottom:
 
     sample tasks -> run episodes (attempt, verify, hint, mutate, judge) -> rewards (in the turns)
-    -> advantages per (role x turn kind) group -> update student -> update tutor
+    -> advantages per (role x turn kind) group (+ hindsight rows from failed attempts)
+    -> update student -> update tutor
     -> write memory (one transaction) -> log -> checkpoint
 
 Compute accounting (for equal-compute comparisons, tutor included): generation costs 2·N FLOPs

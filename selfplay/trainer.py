@@ -2,8 +2,11 @@
 
 Input rows come with their advantages already computed (per role x turn-kind group, see grpo.py)
 and the sampler's behaviour log-probs, which are the ratio's denominator (`old_logprobs`).
-A non-finite loss or gradient norm skips that role's update (counted in `trainer/skipped`), so a
-bad batch never corrupts an adapter.
+Hindsight rows (a failed attempt with a relabelled prompt whose target is the value it reached)
+carry no policy gradient: their whole completion gets λ_H · mean NLL over all such tokens
+(`trainer.hindsight_nll`). Rows are sorted into length buckets (`micro_batches`), so a few long
+answers do not pad every row. A non-finite loss or gradient norm skips that role's update
+(counted in `trainer/skipped`), so a bad batch never corrupts an adapter.
 """
 
 from __future__ import annotations

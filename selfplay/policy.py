@@ -44,7 +44,7 @@ def ensure_base(cfg: RunConfig, log=print) -> Path:
 
     p = base_dir(cfg.bootstrap, cfg.model.cache_dir)
     if not (p / "bootstrap.json").is_file():
-        log(f"bootstrapping the tiny base into {p} ({cfg.bootstrap.steps} steps; the default takes about 3 minutes on 2 cores)")
+        log(f"bootstrapping the tiny base into {p} ({cfg.bootstrap.steps} steps; the default takes about 2 minutes on 2 cores)")
         pretrain(cfg.bootstrap, p)
     return p
 

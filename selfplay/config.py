@@ -138,7 +138,7 @@ class TrainerCfg(Section):
     hindsight_nll: float = Field(0.0, ge=0, description="λ_H: hindsight relabelling (HER, Andrychowicz et al. 2017): a failed attempt whose value v is a whole number in 1..curriculum.max_target (not the numbers' plain sum, not a held-out task) is trained by NLL, with weight λ_H, as a solution of the same numbers with target v. The verifier's work only, no tutor; 0 = off.")
     epochs: int = Field(1, ge=1, description="Gradient steps per batch; >1 makes the ratio clip active (PPO-style reuse).")
     micro_batch: int = Field(256, ge=1, description="Rows per forward/backward (gradients are accumulated).")
-    length_buckets: bool = Field(True, description="Sort rows by completion length and cut one more micro-batch where that saves a quarter of the padded completion tokens (a few long answers no longer pad every row; -17% update time measured). The sum is the same up to float rounding.")
+    length_buckets: bool = Field(True, description="Sort rows by completion length and cut one more micro-batch where that saves a quarter of the padded completion tokens (a few long answers no longer pad every row: 0.122 → 0.101 s per update measured on a batch of 128 rows with ten long answers). The sum is the same up to float rounding.")
 
 
 class CurriculumCfg(Section):

@@ -10,7 +10,6 @@ of steps, examples, training FLOPs (6·N per token) and held-out solve rates.
 
 from __future__ import annotations
 
-import random
 import time
 
 from common import args, setup, table
@@ -42,7 +41,6 @@ def main():
                         p.add_argument("--eval-every", type=int, default=150)))
     cfg, pol = setup(a.threads, ["trainer.hindsight_nll=1.0", "curriculum.fresh_fraction=1.0",
                                  "curriculum.replay_fraction=0.0", *a.set])
-    random.seed(cfg.seed)
     prompts, heldout = Prompts(cfg.prompts), heldout_tasks(cfg.eval)
     curriculum = Curriculum(cfg, {t.key for t in heldout})
     trainer, backend = Trainer(pol, cfg), TorchBackend(pol, cfg.generation.temperature, cfg.generation.top_k, cfg.seed)

@@ -49,8 +49,8 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int | list[int], 
     caps = torch.tensor(max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * B,
                         device=device)  # (B,) per-row token caps
     max_new_tokens = int(caps.max())
-    compact = adapter_names is None and supports(model)
-    if compact:  # the functional decoder: same logits, no per-call overhead
+    functional = adapter_names is None and supports(model)
+    if functional:  # the functional decoder: same logits, no per-call overhead
         dec = Decoder(model, B, P + max_new_tokens)
         logits = dec.prefill(ids, mask, pos)  # (B, V)
 
@@ -95,7 +95,7 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int | list[int], 
         done |= (tok == eos_id) | (caps <= n)
         if bool(done.all()) or n == max_new_tokens:
             break
-        if compact and 2 * int(done.sum()) >= b:  # drop finished rows: one long answer no longer drags all
+        if functional and 2 * int(done.sum()) >= b:  # drop finished rows: one long answer no longer drags all
             keep = (~done).nonzero().squeeze(1)
             rows, tok, next_pos, caps, done, mask = (x[keep] for x in (rows, tok, next_pos, caps, done, mask))
             dec.keep(keep)

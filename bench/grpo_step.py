@@ -63,7 +63,8 @@ def trl_step(threads: int, iters: int) -> float | None:
                       max_completion_length=cfg.generation.max_new_tokens, max_steps=iters + 1, logging_steps=1000,
                       learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", beta=0.0,
                       steps_per_generation=1, gradient_checkpointing=False, lr_scheduler_type="constant",
-                      temperature=1.0)
+                      temperature=1.0, bf16=False, fp16=False)  # fp32 like ours: TRL 1.16 defaults to bf16
+                      # autocast, which on a CPU without bf16 matmuls made its step 10x slower (4.8 s)
     tr = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(path), reward_funcs=reward, args=args, train_dataset=ds,
                      processing_class=tok, peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     from transformers import TrainerCallback

@@ -27,6 +27,7 @@ def time_iterations(sets: list[str], threads: int, iters: int, extra: list[str] 
         sp.iteration(1)  # warm-up
         ms = [sp.iteration(i) for i in range(2, iters + 2)]
         sp.store.close()
+        sp.close()
     return cfg, ms
 
 
@@ -90,21 +91,24 @@ def main():
     setup(a.threads, a.set)  # builds the base if needed
     plain = ["graph.hint=false", "graph.mutate=false", "graph.judge=false", "trainer.train_tutor=false",
              "trainer.hindsight_nll=0"]  # plain GRPO: the default config relabels failures too
-    rows, ours, theirs = [], [], []
-    for r in range(a.rounds):  # alternate, so drift of the machine hits both sides
-        _, ms = time_iterations(plain, a.threads, a.iters, a.set)
-        s = statistics.median(m["time/iteration_s"] for m in ms)
-        ours.append(s)
-        rows.append([f"selfplay plain GRPO (round {r + 1})", f"{s:.3f}", f"{128 / s:.0f}", f"{avg(ms, 'time/rollout_s'):.3f}",
-                     f"{avg(ms, 'time/train_s'):.3f}", f"{avg(ms, 'rollout/tokens_per_s'):,.0f}"])
+    rows, ours, theirs = [], {0: [], 1: []}, []
+    for r in range(a.rounds):  # alternate, so drift of the machine hits every side
+        for lag in (0, 1):  # synchronous; the update overlapping the next rollout in a learner process
+            _, ms = time_iterations(plain + [f"trainer.policy_lag={lag}"], a.threads, a.iters, a.set)
+            s = statistics.median(m["time/iteration_s"] for m in ms)
+            ours[lag].append(s)
+            rows.append([f"selfplay plain GRPO, policy_lag {lag} (round {r + 1})", f"{s:.3f}", f"{128 / s:.0f}",
+                         f"{avg(ms, 'time/rollout_s'):.3f}", f"{avg(ms, 'time/train_s'):.3f}",
+                         f"{avg(ms, 'rollout/tokens_per_s'):,.0f}"])
         trl_s = trl_step(a.threads, min(a.iters, 6)) if a.trl else None
         if trl_s:
             theirs.append(trl_s)
             rows.append([f"TRL GRPOTrainer (round {r + 1})", f"{trl_s:.3f}", f"{128 / trl_s:.0f}", "", "", ""])
-    ratio = (f"speed-up vs TRL: {statistics.median(theirs) / statistics.median(ours):.2f}x (medians)" if theirs
+    ratio = (f"speed-up vs TRL (medians): policy_lag 0 {statistics.median(theirs) / statistics.median(ours[0]):.2f}x, "
+             f"policy_lag 1 {statistics.median(theirs) / statistics.median(ours[1]):.2f}x" if theirs
              else "TRL not measured (pass --trl with the bench extra installed)")
     table(f"plain GRPO, 16 prompts x 8 samples, {a.threads} threads; {ratio}",
-          ["trainer", "s/iteration", "samples/s", "rollout s", "update s", "rollout tokens/s"], rows)
+          ["trainer", "s/iteration", "samples/s", "rollout s", "update s (lag 1: wait)", "rollout tokens/s"], rows)
 
     _, full = time_iterations([], a.threads, max(5, a.iters // 2), a.set)
     tot = avg(full, "time/iteration_s")

@@ -10,6 +10,11 @@ per token (prompt and completion), training 6·N per token of every row in the u
 the KL reference forward 2·N per trained token, with N the base's parameter count. A frozen role
 costs no training FLOPs.
 
+Overlap (`trainer.policy_lag: 1`): step 4 hands the rows to a learner process and installs the
+weights of the previous iteration's update instead, so the next rollout runs while this update
+does and samples one update behind (selfplay/learner.py); the ratio to the behaviour log-probs
+and its clip correct for that. Evaluations and checkpoints wait for the pending update first.
+
 Crash safety: memory holds whole iterations only; checkpoints (adapters, optimizers, RNG states,
 curriculum, counters) are written every `checkpoint_every` iterations by rename. The run stops at
 `iterations`, `max_student_samples` or `max_total_flops`, whichever comes first. `resume` restores
@@ -36,6 +41,7 @@ from selfplay.curriculum import Curriculum
 from selfplay.evaluate import compare, evaluate, heldout_tasks
 from selfplay.generator import Generator, TorchBackend
 from selfplay.graph import build_graph, episode_input, run_episodes, unhinted_attempt
+from selfplay.learner import Learner, adapter_vectors, load_adapter_vectors
 from selfplay.policy import Policy
 from selfplay.prompts import Prompts
 from selfplay.reporting import parting_iteration, read_metrics
@@ -83,7 +89,8 @@ class SelfPlay:
     def __init__(self, cfg: RunConfig, out: Path):
         self.cfg, self.out = cfg, out
         self.rank, self.world = dist.rank(), dist.world()
-        torch.set_num_threads(cfg.model.threads)
+        threads, lag = cfg.model.threads, cfg.trainer.policy_lag
+        torch.set_num_threads(max(1, threads - threads // 2) if lag else threads)  # the learner takes the rest
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.prompts = Prompts(cfg.prompts)
@@ -93,7 +100,8 @@ class SelfPlay:
         self.gen = Generator(self.policy, self.backend, cfg.generation.max_batch)
         self.heldout = heldout_tasks(cfg.eval)
         self.curriculum = Curriculum(cfg, {t.key for t in self.heldout})
-        self.trainer = Trainer(self.policy, cfg)
+        self.trainer = Trainer(self.policy, cfg)  # with policy_lag 1 the learner's twin steps; this one keeps the versions
+        self.learner = Learner(cfg, self.policy, max(1, threads // 2)) if lag else None
         self.env = {"solver_calls": 0, "solver_seconds": 0.0}  # the environment's compute (cumulative)
         self.graph = build_graph(cfg, self.gen, self.prompts, self.trainer.versions,
                                  {t.key for t in self.heldout}, self.env)
@@ -147,11 +155,16 @@ class SelfPlay:
                 mine_rows["student"].append(row)
         # 4. update student, then tutor (separate adapters, separate optimizers)
         t1 = time.perf_counter()
-        self.backend.sleep()
-        m = self.trainer.step("student", mine_rows["student"], cfg.generation.max_new_tokens)
-        if cfg.trainer.train_tutor:
-            m.update(self.trainer.step("tutor", mine_rows["tutor"], cfg.generation.tutor_max_new_tokens))
-        self.backend.sync_adapters(it)
+        caps = {"student": cfg.generation.max_new_tokens, "tutor": cfg.generation.tutor_max_new_tokens}
+        if self.learner:  # policy_lag 1: update it-1 ran beside this rollout; update it runs beside the next
+            m = self.install_update(it)  # its metrics are update it-1's
+            self.learner.submit(mine_rows, caps)
+        else:
+            self.backend.sleep()
+            m = self.trainer.step("student", mine_rows["student"], caps["student"])
+            if cfg.trainer.train_tutor:
+                m.update(self.trainer.step("tutor", mine_rows["tutor"], caps["tutor"]))
+            self.backend.sync_adapters(it)
         t_train = time.perf_counter() - t1
         # 5. memory, curriculum feedback, metrics
         m.update(self._account(turns, rows))
@@ -170,6 +183,18 @@ class SelfPlay:
                   "rollout/episodes_per_s": len(states) / t_rollout})
         self.totals["time/seconds"] += dt
         return m
+
+    def install_update(self, it: int) -> dict[str, float]:
+        """policy_lag 1: wait for the learner's pending update and write its weights into this
+        process's policy and sampler; returns that update's metrics ({} when none is pending).
+        Evaluations and checkpoints call it first, so they see every update so far."""
+        out = self.learner.collect() if self.learner else None
+        if out is None:
+            return {}
+        load_adapter_vectors(self.policy, out["weights"])
+        self.trainer.versions.update(out["versions"])  # in place: the episode graph holds this dict
+        self.backend.sync_adapters(it)
+        return out["metrics"]
 
     def _account(self, turns: list[dict], rows: dict) -> dict[str, float]:
         t = self.cfg.trainer
@@ -217,13 +242,15 @@ class SelfPlay:
 
     def save_checkpoint(self, it: int) -> None:
         """Every rank calls it (each rank's sampler state is gathered); rank 0 writes."""
+        self.install_update(it)
         backend_rngs, envs = zip(*dist.all_gather((self.backend.rng_state(), dict(self.env))))
         if self.rank != 0:
             return
         new, cur, old = (self.out / n for n in ("checkpoint.new", "checkpoint", "checkpoint.old"))
         shutil.rmtree(new, ignore_errors=True)
         self.policy.save_adapters(new / "adapters")
-        torch.save({"iteration": it, "trainer": self.trainer.state(), "totals": self.totals, "envs": list(envs),
+        trainer = self.learner.state() if self.learner else self.trainer.state()
+        torch.save({"iteration": it, "trainer": trainer, "totals": self.totals, "envs": list(envs),
                     "curriculum": self.curriculum.state(), "torch_rng": torch.get_rng_state(),
                     "python_rng": random.getstate(), "backend_rngs": list(backend_rngs)}, new / "state.pt")
         if cur.exists():
@@ -243,6 +270,8 @@ class SelfPlay:
         self.policy.load_adapters(d / "adapters")
         self.backend.sync_adapters(st["iteration"])
         self.trainer.load(st["trainer"])
+        if self.learner:
+            self.learner.load(st["trainer"], adapter_vectors(self.policy))
         self.curriculum.load(st["curriculum"])
         torch.set_rng_state(st["torch_rng"])
         random.setstate(st["python_rng"])
@@ -254,6 +283,11 @@ class SelfPlay:
         envs = st.get("envs") or [st.get("env", {})]  # per rank (older checkpoints: one process)
         self.env.update(envs[self.rank])  # in place: the graph holds this dict
         return st["iteration"]
+
+    def close(self) -> None:
+        if self.learner:
+            self.learner.close()
+        self.backend.close()
 
 
 def hindsight_rows(turns: list[dict]) -> list[tuple[Row, str]]:
@@ -375,6 +409,7 @@ def run(cfg: RunConfig | None, out: Path, resume: bool = False, console=None, qu
                 logger.log(it, m)
                 bar.update(it, m, sp.progress(it + 1))
             if lead and cfg.eval.every and it % cfg.eval.every == 0:
+                sp.install_update(it)
                 ev = evaluate(sp.policy, sp.backend, sp.prompts, sp.heldout, cfg, judge_attempts=0)
                 sp.store.write_metrics(it, {"eval/solve_rate": ev["solve_rate"],
                                             "eval/greedy_solve_rate": ev["greedy_solve_rate"]})
@@ -401,7 +436,7 @@ def run(cfg: RunConfig | None, out: Path, resume: bool = False, console=None, qu
         logger.finish(summary)
         sp.store.close()
     summary = dist.broadcast(summary)
-    sp.backend.close()
+    sp.close()
     dist.shutdown()
     return summary
 

@@ -12,9 +12,9 @@ from selfplay.prompts import Prompts
 from tests.conftest import tiny_config
 
 
-def _run(policy, cfg, tasks, mutate_every=0):
+def _run(policy, cfg, tasks, mutate_every=0, heldout=frozenset()):
     gen = Generator(policy, TorchBackend(policy, 1.0, 0, seed=0), max_batch=4096)
-    graph = build_graph(cfg, gen, Prompts(cfg.prompts), {"student": 0, "tutor": 0})
+    graph = build_graph(cfg, gen, Prompts(cfg.prompts), {"student": 0, "tutor": 0}, heldout)
     inputs = [episode_input(f"1.{k}", 1, t, f"m{k // 2}" if mutate_every and k % mutate_every == 0 else None)
               for k, t in enumerate(tasks)]
     return gen, asyncio.run(run_episodes(graph, inputs, concurrency=64))
@@ -177,7 +177,7 @@ def test_hindsight_relabels_failed_attempts_as_solved_tasks(policy):
     cfg = tiny_config(**{"graph.hint": False, "graph.judge": False, "trainer.hindsight_nll": 1.0})
     tasks = generate_tasks(64, 5)
     _, states = _run(policy, cfg, tasks)
-    relabelled = 0
+    relabelled, keys = 0, set()
     for s in states:
         t = s["current"]
         for a in (x for x in s["turns"] if x["kind"] == "attempt"):
@@ -187,6 +187,7 @@ def test_hindsight_relabels_failed_attempts_as_solved_tasks(policy):
             assert bool(a.get("hindsight_ids")) == ok, (a["parsed"], t)
             if ok:
                 relabelled += 1
+                keys.add(Task(t.numbers, int(v.value)).key)
                 prompt = policy.decode(a["hindsight_ids"])
                 assert prompt == f"S:{' '.join(map(str, t.numbers))}>{v.value}|"
                 assert verify(a["parsed"], t.numbers, int(v.value)).solved  # the relabelled task is solved
@@ -197,3 +198,8 @@ def test_hindsight_relabels_failed_attempts_as_solved_tasks(policy):
                              if a.get("hindsight_ids")})
     for row, _ in rows:  # every completion token is NLL-trained, none gets a policy gradient
         assert row.hindsight and row.forced == len(row.completion_ids) and row.advantage == 0.0
+    # a relabelled task that is held out is never trained on: the same seed draws the same attempts,
+    # and with every task they reached held out, none is relabelled
+    _, again = _run(policy, cfg, tasks, heldout=keys)
+    assert [a["completion_ids"] for s in again for a in s["turns"]] == [a["completion_ids"] for a in turns]
+    assert not any(a.get("hindsight_ids") for s in again for a in s["turns"])

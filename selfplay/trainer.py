@@ -65,10 +65,12 @@ class Trainer:
     def __init__(self, policy: Policy, cfg: RunConfig):
         self.policy, self.cfg = policy, cfg
         t = cfg.trainer
+        # fused: one kernel for all ~56 LoRA tensors (4.4 -> 1.0 ms per step on 1 CPU thread)
+        fused = torch.device(cfg.model.device).type in ("cpu", "cuda")
         self.opt = {"student": torch.optim.AdamW(policy.adapter_params("student"), lr=t.lr, betas=t.betas,
-                                                 weight_decay=t.weight_decay)}
+                                                 weight_decay=t.weight_decay, fused=fused)}
         self.opt["tutor"] = self.opt["student"] if cfg.lora.shared else torch.optim.AdamW(
-            policy.adapter_params("tutor"), lr=t.tutor_lr, betas=t.betas, weight_decay=t.weight_decay)
+            policy.adapter_params("tutor"), lr=t.tutor_lr, betas=t.betas, weight_decay=t.weight_decay, fused=fused)
         self.versions = {"student": 0, "tutor": 0}
         self.skipped = 0
 

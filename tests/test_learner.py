@@ -26,21 +26,23 @@ def _rows(pol, seed):
 
 
 def test_learner_update_equals_the_in_process_update(base_path):
-    cfg = tiny_config(**{"trainer.train_tutor": False})
+    cfg = tiny_config()
     here, there = Policy(cfg, base_path), Policy(cfg, base_path)
     trainer = Trainer(here, cfg)
     learner = Learner(cfg, there, threads=1)
+    caps = {"student": cfg.generation.max_new_tokens, "tutor": cfg.generation.tutor_max_new_tokens}
     try:
         for step in range(2):  # the second step uses AdamW's moments from the first
-            rows = _rows(here, step)
-            trainer.step("student", rows, cfg.generation.max_new_tokens)
-            learner.submit({"student": rows, "tutor": []}, {"student": cfg.generation.max_new_tokens, "tutor": 0})
+            rows = {"student": _rows(here, step), "tutor": _rows(here, 10 + step) if step else []}
+            for role in ("student", "tutor"):
+                trainer.step(role, rows[role], caps[role])
+            learner.submit(rows, caps)
             out = learner.collect()
-            assert out["versions"] == trainer.versions == {"student": step + 1, "tutor": 0}
+            assert out["versions"] == trainer.versions == {"student": step + 1, "tutor": step}
             mine = adapter_vectors(here)
             assert abs(mine["student"]).max() > 0  # the update moved LoRA B off zero
-            assert (out["weights"]["student"] == mine["student"]).all()
-            assert (out["weights"]["tutor"] == mine["tutor"]).all()  # untouched
+            for role in ("student", "tutor"):  # the tutor: untouched at step 0, trained at step 1
+                assert (out["weights"][role] == mine[role]).all(), role
         assert learner.collect() is None  # nothing pending
         st = learner.state()
         for a, b in zip(st["opt"]["student"]["state"].values(), trainer.state()["opt"]["student"]["state"].values()):

@@ -50,6 +50,9 @@ def trl_step(threads: int, iters: int) -> float | None:
     from selfplay.policy import ensure_base
     from selfplay.tokenizer import load_tokenizer
 
+    import torch
+
+    torch.set_num_threads(threads)  # a policy_lag 1 run left this process at 1 thread (the learner had the other)
     cfg = load_config(None, [])
     path = ensure_base(cfg)
     tok = load_tokenizer(path)  # AutoTokenizer mis-tokenises the embedded base (selfplay/tokenizer.py)
@@ -110,7 +113,7 @@ def main():
     table(f"plain GRPO, 16 prompts x 8 samples, {a.threads} threads; {ratio}",
           ["trainer", "s/iteration", "samples/s", "rollout s", "update s (lag 1: wait)", "rollout tokens/s"], rows)
 
-    _, full = time_iterations([], a.threads, max(5, a.iters // 2), a.set)
+    _, full = time_iterations(["trainer.policy_lag=0"], a.threads, max(5, a.iters // 2), a.set)  # stages in series
     tot = avg(full, "time/iteration_s")
     stages = [["rollout (graph: attempts, hints, mutations, judging, verify)", avg(full, "time/rollout_s")],
               ["update student", avg(full, "trainer/student_seconds")],
@@ -120,6 +123,13 @@ def main():
           ["stage", "seconds", "share"], [[n, f"{v:.3f}", f"{v / tot:.0%}"] for n, v in stages])
     table("trainer rows/s per role (full tutor)", ["role", "rows/s"],
           [[r, f"{avg(full, f'trainer/{r}_rows_per_s'):.0f}"] for r in ("student", "tutor")])
+    ratios = []
+    for lag in (0, 1):  # the full tutor's iteration against plain GRPO's, each side at the same policy_lag
+        _, ms = time_iterations([f"trainer.policy_lag={lag}"], a.threads, a.iters, a.set)
+        s = statistics.median(m["time/iteration_s"] for m in ms)
+        ratios.append([str(lag), f"{s:.3f}", f"{statistics.median(ours[lag]):.3f}", f"{s / statistics.median(ours[lag]):.2f}x"])
+    table("full tutor (the default config) vs plain GRPO, medians", ["policy_lag", "full tutor s/iteration",
+          "plain s/iteration", "ratio"], ratios)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,21 @@ def test_solver_counts_by_hand():
     assert solve([2, 3], 7).count == 0 and not solvable([2, 3], 7)
 
 
+def test_reachable_integers_equal_the_memoised_search():
+    # the generator's fast path (the last combination as float64 tensor ops) against the definition:
+    # the integer keys of the rounded reachable values, on 2-5 numbers and the hard split's range;
+    # by hand, {2, 3} reach 1 (3-2), 5, 6 and nothing else in 1..10 (2/3, 3/2 are not integers)
+    from selfplay.domains.countdown.solver import reachable_integers, reachable_values
+
+    assert reachable_integers([3, 2], 1, 10) == [1, 5, 6]
+    rng = random.Random(3)
+    for _ in range(300):
+        nums = [rng.randint(1, 25) for _ in range(rng.randint(2, 5))]
+        lo, hi = rng.choice([(1, 100), (1, 300), (-50, 50)])
+        slow = sorted(int(v) for v in reachable_values(tuple(sorted(nums))) if v == int(v) and lo <= v <= hi)
+        assert reachable_integers(nums, lo, hi) == slow, nums
+
+
 def test_generated_tasks_are_solvable_and_deterministic():
     a, b = generate_tasks(300, 1), generate_tasks(300, 1)
     assert [t.to_json() for t in a] == [t.to_json() for t in b]

@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass
 from fractions import Fraction
 
-from selfplay.domains.countdown.solver import reachable_values
+from selfplay.domains.countdown.solver import reachable_integers
 from selfplay.domains.countdown.task import Task
 from selfplay.domains.countdown.verifier import apply_op
 
@@ -85,7 +85,7 @@ def random_expr(numbers: list, rng: random.Random, ops: str = "+-*/") -> tuple[s
 
 def reachable_targets(numbers: list[int], lo: int, hi: int) -> list[int]:
     """Integers in [lo, hi] that the numbers reach, each used once (the solver's memoised value set)."""
-    return sorted(int(v) for v in reachable_values(tuple(sorted(numbers))) if v == int(v) and lo <= v <= hi)
+    return reachable_integers(numbers, lo, hi)
 
 
 def generate_task(rng: random.Random, d: Difficulty = Difficulty()) -> Task:

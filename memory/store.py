@@ -101,16 +101,24 @@ class EpisodeStore:
             for t in tasks:
                 row = self.db.execute("select attempts, solved from tasks where id = ?", [t["id"]]).fetchone()
                 if row is None:
-                    self.db["tasks"].insert(t)
+                    self._insert("tasks", [t])
                 else:
                     self.db.execute("update tasks set attempts = ?, solved = ? where id = ?",
                                     [row[0] + t["attempts"], row[1] + t["solved"], t["id"]])
-            self.db["episodes"].insert_all(episodes, batch_size=500)
-            self.db["turns"].insert_all(turns, batch_size=500)
-            self.db["metrics"].insert_all([{"iteration": iteration, "name": k, "value": float(v)}
-                                           for k, v in metrics.items()], batch_size=500, replace=True)
-            self.db["iterations"].insert({"iteration": iteration, "episodes": len(episodes),
-                                          "finished_at": time.time()}, replace=True)
+            self._insert("episodes", episodes)
+            self._insert("turns", turns)
+            self._insert("metrics", [{"iteration": iteration, "name": k, "value": float(v)} for k, v in metrics.items()],
+                         replace=True)
+            self._insert("iterations", [{"iteration": iteration, "episodes": len(episodes), "finished_at": time.time()}],
+                         replace=True)
+
+    def _insert(self, table: str, rows: list[dict], replace: bool = False) -> None:
+        """Rows with the same keys, of plain SQLite values, in one executemany (sqlite-utils'
+        insert_all spent 60% of an iteration's 8 ms write checking and converting types)."""
+        if rows:
+            cols = list(rows[0])
+            self.db.conn.executemany(f"insert {'or replace ' if replace else ''}into [{table}] ({', '.join(cols)}) "
+                                     f"values ({', '.join('?' * len(cols))})", [tuple(r[c] for c in cols) for r in rows])
 
     def write_metrics(self, iteration: int, metrics: dict[str, float]) -> None:
         with self.db.atomic():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -139,7 +138,7 @@ class TrainerCfg(Section):
     hindsight_nll: float = Field(0.0, ge=0, description="λ_H: hindsight relabelling (HER, Andrychowicz et al. 2017): a failed attempt whose value v is a whole number in 1..curriculum.max_target (not the numbers' plain sum, not a held-out task) is trained by NLL, with weight λ_H, as a solution of the same numbers with target v. The verifier's work only, no tutor; 0 = off.")
     epochs: int = Field(1, ge=1, description="Gradient steps per batch; >1 makes the ratio clip active (PPO-style reuse).")
     micro_batch: int = Field(256, ge=1, description="Rows per forward/backward (gradients are accumulated).")
-    policy_lag: int = Field(0, ge=0, le=1, description="Updates the sampler runs behind the trainer. 0 = synchronous (rollout, then update, then the next rollout). 1 = the update of iteration k runs in a learner process (selfplay/learner.py) while iteration k+1's rollout samples with the weights before it, corrected by the ratio to the behaviour log-probs and its clip; the model.threads are split between the two processes. Evaluations and checkpoints first wait for the pending update. One process only (not under torchrun).")
+    policy_lag: int = Field(0, ge=0, le=1, description="Updates the sampler runs behind the trainer. 0 = synchronous (rollout, then update, then the next rollout). 1 = the update of iteration k runs in a learner process (selfplay/learner.py) while iteration k+1's rollout samples with the weights before it, corrected by the ratio to the behaviour log-probs and its clip; the model.threads are split between the two processes. Evaluations and checkpoints first wait for the pending update. Under torchrun the ranks update synchronously (0), whatever this says.")
     length_buckets: bool = Field(True, description="Sort rows by completion length and cut one more micro-batch where that saves a quarter of the padded completion tokens (a few long answers no longer pad every row: 0.122 → 0.101 s per update measured on a batch of 128 rows with ten long answers). The sum is the same up to float rounding.")
 
 
@@ -224,8 +223,6 @@ class RunConfig(Section):
             raise ValueError(f"eval.max_count ({e.max_count}) > {SOLVER_MAX_NUMBERS}: the solver cannot bound such tasks")
         if not set(c.ops) <= set("+-*/") or not set(e.ops) <= set("+-*/") or not c.ops or not e.ops:
             raise ValueError("curriculum.ops and eval.ops take a non-empty subset of '+-*/'")
-        if self.trainer.policy_lag and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError("trainer.policy_lag=1 runs the learner beside one process; under torchrun set it to 0")
         if self.model.backend == "vllm_server" and not self.model.servers:
             raise ValueError("model.backend=vllm_server needs model.servers, e.g. --set 'model.servers=[http://127.0.0.1:8001]'")
         return self

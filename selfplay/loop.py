@@ -89,7 +89,8 @@ class SelfPlay:
     def __init__(self, cfg: RunConfig, out: Path):
         self.cfg, self.out = cfg, out
         self.rank, self.world = dist.rank(), dist.world()
-        threads, lag = cfg.model.threads, cfg.trainer.policy_lag
+        threads = cfg.model.threads
+        lag = cfg.trainer.policy_lag if self.world == 1 else 0  # torchrun ranks all-reduce in step: synchronous
         torch.set_num_threads(max(1, threads - threads // 2) if lag else threads)  # the learner takes the rest
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)

@@ -87,8 +87,8 @@ class Trainer:
         if not n_rows + n_hs:
             return {}
         t0 = time.perf_counter()
-        pol.model.train()
         pol.use(role)
+        pol.train_mode(role, True)
         params = pol.adapter_params(role)
         opt = self.opt[role]
         batches = micro_batches(rows, t.micro_batch, t.length_buckets)
@@ -129,12 +129,12 @@ class Trainer:
             if not (math.isfinite(total) and math.isfinite(float(gnorm))):
                 opt.zero_grad(set_to_none=True)
                 self.skipped += 1
-                pol.model.eval()
+                pol.train_mode(role, False)
                 return {f"{role}/skipped_update": 1.0, "trainer/skipped": float(self.skipped)}
             opt.step()
             stats["loss"] = total
             stats["grad_norm"] = float(gnorm)
-        pol.model.eval()
+        pol.train_mode(role, False)
         stats["clip_frac"], stats["kl"] = dist.all_sum([stats["clip_frac"], stats["kl"]])
         self.versions[role] += 1
         dt = time.perf_counter() - t0

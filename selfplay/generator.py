@@ -57,7 +57,9 @@ class TorchBackend:
         from transformers import AutoModelForCausalLM
 
         pol = self.policy
-        if not self.models:
+        changed = []
+        if not self.models:  # build the copies; the base copy is written once, here
+            changed.append("__base__")
             for name in sorted(set(pol.adapters.values())) + ["__base__"]:
                 m = AutoModelForCausalLM.from_pretrained(pol.path, dtype=pol.dtype).to(pol.cfg.model.device)
                 self.models[name] = m.eval().requires_grad_(False)
@@ -65,14 +67,12 @@ class TorchBackend:
             self.layers = [(mod, {a: m.get_parameter(n.removeprefix("base_model.model.") + ".weight")
                                   for a, m in self.models.items()})
                            for n, mod in pol.model.named_modules() if isinstance(mod, LoraLayer)]
+        for role, name in pol.adapters.items():
+            flat = pol.adapter_vector(role)
+            if name not in changed and not (name in self.merged and torch.equal(self.merged[name], flat)):
+                changed.append(name)
+                self.merged[name] = flat
         with torch.no_grad():
-            changed = [] if "__base__" in self.merged else ["__base__"]
-            self.merged["__base__"] = torch.zeros(0)
-            for role, name in pol.adapters.items():
-                flat = torch.cat([p.reshape(-1) for p in pol.adapter_params(role)])
-                if name not in changed and not torch.equal(self.merged.get(name, torch.zeros(0)), flat):
-                    changed.append(name)
-                    self.merged[name] = flat.clone()
             for mod, weights in self.layers:
                 base_w = mod.get_base_layer().weight
                 for name in changed:

@@ -35,19 +35,14 @@ ROLES = ("student", "tutor")
 
 
 def adapter_vectors(policy) -> dict[str, "numpy.ndarray"]:  # noqa: F821
-    """Each role's LoRA weights as one flat fp32 array (numpy: pickles as raw bytes)."""
-    with torch.no_grad():
-        return {r: torch.cat([p.reshape(-1) for p in policy.adapter_params(r)]).float().cpu().numpy() for r in ROLES}
+    """Each role's LoRA weights as one flat array (numpy: pickles as raw bytes)."""
+    return {r: policy.adapter_vector(r).cpu().numpy() for r in ROLES}
 
 
 def load_adapter_vectors(policy, vectors: dict) -> None:
     """Write `adapter_vectors` output into `policy`'s adapters (in place)."""
-    with torch.no_grad():
-        for role, vec in vectors.items():
-            vec, k = torch.from_numpy(vec), 0
-            for p in policy.adapter_params(role):
-                p.copy_(vec[k: k + p.numel()].view_as(p))
-                k += p.numel()
+    for role, vec in vectors.items():
+        policy.set_adapter_vector(role, torch.from_numpy(vec))
 
 
 class Learner:

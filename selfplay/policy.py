@@ -44,7 +44,7 @@ def ensure_base(cfg: RunConfig, log=print) -> Path:
 
     p = base_dir(cfg.bootstrap, cfg.model.cache_dir)
     if not (p / "bootstrap.json").is_file():
-        log(f"bootstrapping the tiny base into {p} ({cfg.bootstrap.steps} steps; the default takes about 2 minutes on 2 cores)")
+        log(f"bootstrapping the tiny base into {p} ({cfg.bootstrap.steps} steps; the default takes 2-4 minutes on 2 cores)")
         pretrain(cfg.bootstrap, p)
     return p
 
@@ -138,6 +138,19 @@ class Policy:
         if self.adapters[role] != self._active:
             self.model.set_adapter(self.adapters[role])
             self._active = self.adapters[role]
+
+    def adapter_vector(self, role: str) -> torch.Tensor:
+        """`role`'s LoRA weights as one flat tensor (a copy)."""
+        with torch.no_grad():
+            return torch.cat([p.reshape(-1) for p in self.adapter_params(role)])
+
+    def set_adapter_vector(self, role: str, vec: torch.Tensor) -> None:
+        """Write an `adapter_vector` into `role`'s LoRA weights (in place)."""
+        with torch.no_grad():
+            k = 0
+            for p in self.adapter_params(role):
+                p.copy_(vec[k: k + p.numel()].view_as(p))
+                k += p.numel()
 
     def functional(self, adapter: str | None) -> bool:
         """Whether `adapter` (None = the base) is scored by the functional forward."""

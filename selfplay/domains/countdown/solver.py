@@ -21,6 +21,17 @@ def _key(v: float) -> float:
     return round(v, 6)
 
 
+def _splits(nums: tuple[int, ...]):
+    """The distinct unordered splits (left, right) of the sorted multiset `nums` into two non-empty
+    parts (the last element always goes right; duplicate numbers would give a split twice)."""
+    n, seen = len(nums), set()
+    for mask in range(1, 2 ** (n - 1)):
+        split = (tuple(nums[i] for i in range(n) if mask >> i & 1), tuple(nums[i] for i in range(n) if not mask >> i & 1))
+        if split not in seen:
+            seen.add(split)
+            yield split
+
+
 @lru_cache(maxsize=100_000)
 def _counts(nums: tuple[int, ...]) -> dict[float, int]:
     """Values reachable using every number of the sorted multiset `nums` once -> number of trees.
@@ -31,14 +42,7 @@ def _counts(nums: tuple[int, ...]) -> dict[float, int]:
     if len(nums) == 1:
         return {float(nums[0]): 1}
     out: dict[float, int] = {}
-    n = len(nums)
-    seen = set()
-    for mask in range(1, 2 ** (n - 1)):  # the last element is always on the right: unordered splits
-        left = tuple(nums[i] for i in range(n) if mask >> i & 1)
-        right = tuple(nums[i] for i in range(n) if not mask >> i & 1)
-        if (left, right) in seen:  # duplicate numbers give the same split twice
-            continue
-        seen.add((left, right))
+    for left, right in _splits(nums):
         rl = _counts(right)
         for a, ca in _counts(left).items():
             for b, cb in rl.items():
@@ -164,17 +168,11 @@ def reachable_integers(numbers: list[int], lo: int, hi: int) -> list[int]:
     float64 tensor ops, whose + - * / round as Python's floats do, and a value counts as the integer
     t when round(v, 6) == t, i.e. |v - t| <= 5e-7."""
     nums = tuple(sorted(numbers))
-    n = len(nums)
-    if n == 1:
+    if len(nums) == 1:
         v = _value_tensor(nums)
     else:
-        seen, parts = set(), []
-        for mask in range(1, 2 ** (n - 1)):  # the same unordered splits as `_counts`
-            left = tuple(nums[i] for i in range(n) if mask >> i & 1)
-            right = tuple(nums[i] for i in range(n) if not mask >> i & 1)
-            if (left, right) in seen:
-                continue
-            seen.add((left, right))
+        parts = []
+        for left, right in _splits(nums):
             a, b = _value_tensor(left)[:, None], _value_tensor(right)[None, :]
             parts += [a + b, a * b, a - b, b - a, a / b, b / a]  # x / 0 = inf or nan: dropped below
         v = torch.cat([p.reshape(-1) for p in parts])

@@ -1,16 +1,19 @@
 """Generation tokens/s at the same total batch: HF `generate` vs our KV-cache sampler vs concurrent
 requests through the micro-batcher vs whole episodes through the LangGraph graph (tutor off).
 
-    python bench/generation.py [--threads 2] [--episodes 16] [--group 8]
+    python bench/generation.py [--threads 2] [--episodes 16] [--group 8] [--repeats 10]
+
+Each path's time is its best of `--repeats` interleaved rounds (one warm-up each first).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import torch
 
-from common import args, best_of, setup, table
+from common import args, setup, table
 from selfplay.domains.countdown import generate_tasks
 from selfplay.generator import Generator, TorchBackend
 from selfplay.graph import build_graph, episode_input, run_episodes
@@ -77,13 +80,19 @@ def main():
         rows_out.append(gen.batch_sizes)
         return sum(t["completion_tokens"] for s in states for t in s["turns"])
 
-    timed = []
-    for name, fn in (("HF generate, peft model (per prompt)", hf), ("HF generate, peft model (one batch)", hf_batched),
-                     ("our sampler on the peft model (one batch)", peft_sampler),
-                     ("our sampler, merged weights (one batch)", ours), ("micro-batcher (concurrent requests)", batcher),
-                     ("full graph (episodes, verify)", graph)):
-        t, n = best_of(fn, a.repeats)
-        timed.append((name, n, t))
+    paths = (("HF generate, peft model (per prompt)", hf), ("HF generate, peft model (one batch)", hf_batched),
+             ("our sampler on the peft model (one batch)", peft_sampler),
+             ("our sampler, merged weights (one batch)", ours), ("micro-batcher (concurrent requests)", batcher),
+             ("full graph (episodes, verify)", graph))
+    for _, fn in paths:  # warm-up
+        fn()
+    best, tokens = {}, {}
+    for _ in range(a.repeats):  # interleaved rounds, so the machine's drift hits every path alike
+        for name, fn in paths:
+            t0 = time.perf_counter()
+            tokens[name] = fn()
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
+    timed = [(name, tokens[name], best[name]) for name, _ in paths]
     ref = next(n / t for name, n, t in timed if name.startswith("our sampler, merged"))
     results = [[name, f"{n}", f"{t * 1000:.0f}", f"{n / t:,.0f}", f"{n / t / ref:.2f}",
                 f"{a.episodes / t:.1f}" if name.startswith("full") else ""] for name, n, t in timed]

@@ -35,7 +35,7 @@ def avg(ms, k):
     return sum(m.get(k, 0.0) for m in ms) / len(ms)
 
 
-def trl_step(threads: int, iters: int) -> float | None:
+def trl_step(threads: int, iters: int, sets: list[str] = ()) -> float | None:
     try:
         import trl  # noqa: F401
     except ImportError:
@@ -53,7 +53,7 @@ def trl_step(threads: int, iters: int) -> float | None:
     import torch
 
     torch.set_num_threads(threads)  # a policy_lag 1 run left this process at 1 thread (the learner had the other)
-    cfg = load_config(None, [])
+    cfg = load_config(None, list(sets))  # the same base (model.cache_dir) and device as ours
     path = ensure_base(cfg)
     tok = load_tokenizer(path)  # AutoTokenizer mis-tokenises the embedded base (selfplay/tokenizer.py)
     tasks = generate_tasks(16 * (iters + 2), 5)
@@ -65,7 +65,7 @@ def trl_step(threads: int, iters: int) -> float | None:
 
     args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=128, num_generations=8,
                       max_completion_length=cfg.generation.max_new_tokens, max_steps=iters + 1, logging_steps=1000,
-                      learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", beta=0.0,
+                      learning_rate=1e-3, report_to=[], use_cpu=cfg.model.device == "cpu", save_strategy="no", beta=0.0,
                       steps_per_generation=1, gradient_checkpointing=False, lr_scheduler_type="constant",
                       temperature=1.0, bf16=False, fp16=False)  # fp32 like ours: TRL 1.16 defaults to bf16
                       # autocast, which on a CPU without bf16 matmuls made its step 10x slower (4.8 s)
@@ -103,7 +103,7 @@ def main():
             rows.append([f"selfplay plain GRPO, policy_lag {lag} (round {r + 1})", f"{s:.3f}", f"{128 / s:.0f}",
                          f"{avg(ms, 'time/rollout_s'):.3f}", f"{avg(ms, 'time/train_s'):.3f}",
                          f"{avg(ms, 'rollout/tokens_per_s'):,.0f}"])
-        trl_s = trl_step(a.threads, min(a.iters, 6)) if a.trl else None
+        trl_s = trl_step(a.threads, min(a.iters, 6), a.set) if a.trl else None
         if trl_s:
             theirs.append(trl_s)
             rows.append([f"TRL GRPOTrainer (round {r + 1})", f"{trl_s:.3f}", f"{128 / trl_s:.0f}", "", "", ""])

@@ -108,7 +108,7 @@ class GraphCfg(Section):
     judge: bool = Field(True, description="Tutor judges student attempts (reward: agreement with the verifier).")
     judge_attempts: int = Field(1, ge=0, description="Attempts judged per episode.")
     judge_votes: int = Field(2, ge=1, description="k verdicts sampled per judged attempt: the judge's GRPO group; with rewards.student_source=judge their majority (more than k/2 Y) is the attempt's reward (reward-model compute).")
-    concurrency: int = Field(64, ge=1, description="Episodes in flight at once (their model calls are fused).")
+    concurrency: int = Field(64, ge=1, description="Episodes per invocation of the batch graph (their model calls are fused); an iteration with more plays them in chunks of this size, one after another.")
 
 
 class RewardsCfg(Section):

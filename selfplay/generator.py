@@ -163,11 +163,12 @@ class Generator:
                                           [self.policy.adapters[r.role] for r, _ in chunk],
                                           [r.cap for r, _ in chunk])
         self.seconds += time.perf_counter() - t0
+        texts = self.policy.decode_batch([c.ids for c in outs])
         k = 0
         for r in reqs:
             samples = []
             for p in r.prompts:
                 c = outs[k]
+                samples.append(Sample(r.role, p, c.ids, c.logprobs, texts[k]))
                 k += 1
-                samples.append(Sample(r.role, p, c.ids, c.logprobs, self.policy.decode(c.ids)))
             r.future.set_result(samples)

@@ -1,4 +1,4 @@
-"""The episode workflow as a LangGraph `StateGraph`.
+"""The episode workflow as a LangGraph `StateGraph`; per episode:
 
     START ─► [mutate] ─► attempt ─► verify ─┬─ solved / no hint budget ─► [judge] ─► END
                tutor      student ×G         │
@@ -19,15 +19,20 @@ prefix of the solution of scheduled length (`schedule`), or the whole solution (
 and the student samples the rest from the plain task prompt, so what it learns is how to continue
 a solution it will have to start alone at evaluation; with `prompt` the hint is prompt text.
 
-Nodes are async and await the shared `Generator`, whose micro-batcher fuses the model calls of all
-episodes in flight. Nodes, routes (async too: LangGraph runs a sync route in a worker thread) and
-the solver all run on the event loop's thread, so batch membership, and with it every sample, is
-a function of the seed. The router enforces the budgets
-(`hint_rounds`), so LangGraph's recursion limit is never what stops an episode. Token ids flow
-through the state with each turn (a revealed hint's ids are the solution's own); nothing sampled
-is re-tokenised. Every turn record carries its reward
-when the episode ends; advantages are added by the loop, which sees the groups that span episodes
-(mutations of one parent).
+One graph invocation plays a whole batch of episodes (`BatchState`): each node runs its turn for
+every episode waiting at it, concurrently, and routes each of them on with the per-episode routes
+drawn above; the next superstep is the first node, in the order mutate, attempt, verify,
+proxy_judge, hint, judge, at which some episode waits. So all round-0 attempts are one fused model
+call, all hints the next, and judging waits until no episode needs another hint round. (Until
+2026-11 each episode was its own invocation: LangGraph's ~0.65 ms per invocation was most of the
+graph's overhead over the raw sampler.) Nodes are async and await the shared `Generator`, whose
+micro-batcher fuses the model calls of all episodes of a node. Nodes, routes (LangGraph's route is
+async: it runs a sync one in a worker thread) and the solver all run on the event loop's thread,
+so batch membership, and with it every sample, is a function of the seed. The routes enforce the
+budgets (`hint_rounds`), so LangGraph's recursion limit is never what stops an episode. Token ids
+flow through the state with each turn (a revealed hint's ids are the solution's own); nothing
+sampled is re-tokenised. Every turn record carries its reward when the episode ends; advantages
+are added by the loop, which sees the groups that span episodes (mutations of one parent).
 
 Rewards (roles/): attempt = verifier outcome; hint = hinted success rate minus the revealed share's
 cost; mutate = learnability of the child under the student's unhinted attempts; judge = agreement
@@ -67,6 +72,11 @@ class EpisodeState(TypedDict, total=False):
     solved: bool  # an unhinted attempt solved the task
     solved_round: bool  # an attempt of the latest round solved the task
     turns: list[dict]
+    at: str  # the node the episode waits at (END when done); unset before its first node
+
+
+class BatchState(TypedDict):
+    episodes: list[EpisodeState]
 
 
 def unhinted_attempt(turn: dict) -> bool:
@@ -120,9 +130,6 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
 
     def vars_of(t: Task) -> dict:
         return {"numbers": t.numbers, "target": t.target}
-
-    def tokens(text: str) -> list[int]:
-        return pol.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     async def ask(role: str, kind: str, n: int, cap: int, **vars) -> tuple[str, list[Sample]]:
         text = prompts.render(kind, **vars)
@@ -222,7 +229,7 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
         solution = s.get("solution") or await solution_of(t)
         if solution is None:  # unsolvable (a user's task file): nothing to reveal
             return {"hint_round": r, "hints": [], "solution": None}
-        sol_tokens = tokens(solution)
+        sol_tokens = pol.tokens(solution)
         if g.hint_source == "solution":
             return {"hint_round": r, "hints": [(solution, sol_tokens)], "solution": solution}
         if g.hint_source == "schedule":
@@ -241,7 +248,7 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
                 ids = sol_tokens[: min(k, len(sol_tokens))]
                 turn["hint"] = pol.decode(ids)
             else:
-                turn["hint"], ids = turn["parsed"], tokens(turn["parsed"])
+                turn["hint"], ids = turn["parsed"], pol.tokens(turn["parsed"])
             turn["revealed"] = len(ids) / max(len(sol_tokens), 1)
             new.append(turn)
             hints.append((turn["hint"], ids))
@@ -290,37 +297,52 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
             new += mine
         return {"turns": turns + new}
 
-    async def start_route(s: EpisodeState) -> str:
+    def start_route(s: EpisodeState) -> str:
         return "mutate" if s.get("mutate") and g.mutate else "attempt"
 
-    async def end_route(s: EpisodeState) -> str:  # (a judge-paid student had every attempt judged)
+    def end_route(s: EpisodeState) -> str:  # (a judge-paid student had every attempt judged)
         return "judge" if g.judge and g.judge_attempts > 0 and rw.student_source == "verifier" else END
 
-    async def after_verify(s: EpisodeState) -> str:
+    def after_verify(s: EpisodeState) -> str:
         if not s["solved_round"] and g.hint and s["hint_round"] < g.hint_rounds:
             return "hint"
-        return await end_route(s)
+        return end_route(s)
 
-    async def after_hint(s: EpisodeState) -> str:
-        return "attempt" if s["hints"] else await end_route(s)
+    def after_hint(s: EpisodeState) -> str:
+        return "attempt" if s["hints"] else end_route(s)
 
-    sg = StateGraph(EpisodeState)
-    sg.add_node("mutate", mutate)
-    sg.add_node("attempt", attempt)
-    sg.add_node("verify", verify_node)
-    sg.add_node("hint", hint)
-    sg.add_node("judge", judge)
-    sg.add_conditional_edges(START, start_route, ["mutate", "attempt"])
-    sg.add_edge("mutate", "attempt")
-    sg.add_edge("attempt", "verify")
-    if rw.student_source == "judge":  # verify (the truth, logged) then judge (the reward)
-        sg.add_node("proxy_judge", proxy_judge)
-        sg.add_edge("verify", "proxy_judge")
-        sg.add_conditional_edges("proxy_judge", after_verify, ["hint", "judge", END])
-    else:
-        sg.add_conditional_edges("verify", after_verify, ["hint", "judge", END])
-    sg.add_conditional_edges("hint", after_hint, ["attempt", "judge", END])
-    sg.add_edge("judge", END)
+    verify_next = (lambda s: "proxy_judge") if rw.student_source == "judge" else after_verify
+    nodes = {"mutate": (mutate, lambda s: "attempt"), "attempt": (attempt, lambda s: "verify"),
+             "verify": (verify_node, verify_next), "proxy_judge": (proxy_judge, after_verify),
+             "hint": (hint, after_hint), "judge": (judge, lambda s: END)}
+    order = list(nodes)  # a batch step runs the first node (in this order) that an episode waits at
+
+    def at(s: EpisodeState) -> str:
+        return s.get("at") or start_route(s)
+
+    def batched(name: str):
+        fn, route = nodes[name]
+
+        async def node(b: BatchState) -> dict:
+            """Run `name` for every episode waiting at it, concurrently (one fused batch of model
+            calls), then route each episode on to its next node."""
+            eps = list(b["episodes"])
+            todo = [i for i, s in enumerate(eps) if at(s) == name]
+            for i, out in zip(todo, await asyncio.gather(*(fn(eps[i]) for i in todo))):
+                eps[i] = {**eps[i], **out}
+                eps[i]["at"] = route(eps[i])
+            return {"episodes": eps}
+        return node
+
+    async def next_node(b: BatchState) -> str:  # async: LangGraph runs a sync route in a worker thread
+        waiting = {at(s) for s in b["episodes"]}
+        return next((n for n in order if n in waiting), END)
+
+    sg = StateGraph(BatchState)
+    for name in order:
+        sg.add_node(name, batched(name))
+        sg.add_conditional_edges(name, next_node, [*order, END])
+    sg.add_conditional_edges(START, next_node, [*order, END])
     return sg.compile()
 
 
@@ -332,4 +354,9 @@ def episode_input(episode_id: str, iteration: int, task: Task, mutate_group: str
 
 
 async def run_episodes(graph, inputs: list[EpisodeState], concurrency: int) -> list[EpisodeState]:
-    return await graph.abatch(inputs, config={"max_concurrency": concurrency, "recursion_limit": 100})
+    """Play the episodes, `concurrency` at a time: each chunk is one invocation of the batch graph."""
+    out = []
+    for k in range(0, len(inputs), concurrency):
+        res = await graph.ainvoke({"episodes": inputs[k: k + concurrency]}, config={"recursion_limit": 100})
+        out += res["episodes"]
+    return out

@@ -67,6 +67,90 @@ def test_random_strings_never_raise_and_solved_means_correct(s, nums, target):
         assert v.value == Fraction(target)
 
 
+def _reference_verdict(s: str, nums: list[int], target: int) -> tuple[str, Fraction | None]:
+    """The expression verdict by Python's own parser: the grammar (BinOp of + - * / over int
+    literals, tree height <= 32) first, then literals <= 10**12, then exact arithmetic, post-order."""
+    import ast
+    import warnings
+
+    ops = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "1(2)" parses as a call, with a SyntaxWarning
+            tree = ast.parse(s.strip(), mode="eval").body
+    except SyntaxError:
+        return "unparseable", None
+
+    def height(n):
+        if isinstance(n, ast.Constant) and type(n.value) is int:
+            return 0
+        if isinstance(n, ast.BinOp) and type(n.op) in ops:
+            return 1 + max(height(n.left), height(n.right))
+        return 10**9  # not in the grammar
+
+    if height(tree) > 32:
+        return "unparseable", None
+    leaves = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)]
+    if max(leaves) > 10**12:
+        return "bad_numbers", None
+
+    def ev(n):
+        if isinstance(n, ast.Constant):
+            return Fraction(n.value)
+        a, b = ev(n.left), ev(n.right)
+        op = ops[type(n.op)]
+        if op == "/" and b == 0:
+            raise ZeroDivisionError
+        v = {"+": a + b, "-": a - b, "*": a * b}[op] if op != "/" else a / b
+        if abs(v.numerator) > 10**12 or v.denominator > 10**12:
+            raise ZeroDivisionError
+        return v
+
+    try:
+        v = ev(tree)
+    except ZeroDivisionError:
+        return "bad_arithmetic", None
+    if sorted(leaves) != sorted(nums):
+        return "bad_numbers", v
+    return ("solved" if v == target else "wrong_value"), v
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.sampled_from(["1", "2", "3", "6", "0", "00", "07", "25", "9999999999999", "1000000",
+                                 "(", ")", "+", "-", "*", "/", " ", "**", "//"]), max_size=24).map("".join))
+def test_expression_parser_agrees_with_pythons_parser(s):
+    # The verifier's hand parser (5x faster than ast.parse + a walk, on the graph's hot path) gives
+    # the reason and value that Python's own parser and exact arithmetic give, for any such string.
+    if not s.strip() or "=" in s:
+        return
+    v = verify(s, [1, 2, 3], 6)
+    reason, value = _reference_verdict(s, [1, 2, 3], 6)
+    assert (v.reason, v.value if reason in ("solved", "wrong_value", "bad_numbers") else None) == (reason, value), s
+
+
+def test_expression_parser_agrees_on_well_formed_expressions():
+    # Random expression trees over the task's numbers (and 0, for division by zero), printed with
+    # random brackets and spaces: solved, wrong_value, bad_numbers and bad_arithmetic all occur.
+    rng = random.Random(0)
+
+    def tree(depth):
+        if depth == 0 or rng.random() < 0.3:
+            return rng.choice(["1", "2", "3", "3", "0", "6"])
+        text = f"{tree(depth - 1)}{rng.choice(['', ' '])}{rng.choice('+-*/')}{rng.choice(['', ' '])}{tree(depth - 1)}"
+        return f"({text})" if rng.random() < 0.5 else text
+
+    seen = set()
+    for _ in range(3000):
+        s = tree(rng.randrange(1, 5))
+        if rng.random() < 0.1:  # outside the grammar: a sign, an open bracket, a call, a leading zero
+            s = rng.choice(["-", "(", "2(", "07+"]) + s
+        reason, value = _reference_verdict(s, [1, 2, 3], 6)
+        v = verify(s, [1, 2, 3], 6)
+        seen.add(reason)
+        assert (v.reason, v.value if reason in ("solved", "wrong_value", "bad_numbers") else None) == (reason, value), s
+    assert {"solved", "wrong_value", "bad_numbers", "bad_arithmetic", "unparseable"} <= seen
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(1, 25), min_size=2, max_size=4), st.integers(1, 100))
 def test_solver_solutions_verify(nums, target):

@@ -25,6 +25,21 @@ def test_saved_tokenizer_round_trip(base_path):
         assert disk.decode(disk(s, add_special_tokens=False)["input_ids"]) == s
 
 
+def test_fast_encode_and_decode_equal_transformers(policy):
+    # Policy.tokens / decode_batch call the Rust tokenizer directly (transformers' wrapper costs
+    # ~40 us of Python per call); the ids and texts must be the wrapper's, for any string and any ids.
+    import random
+
+    rng = random.Random(0)
+    tok = policy.tokenizer
+    alphabet = "0123456789+-*/()= SMHJPY:>|,\n"
+    for _ in range(300):
+        s = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 30)))
+        assert policy.tokens(s) == tok(s, add_special_tokens=False)["input_ids"], s
+    rows = [[rng.randrange(len(tok)) for _ in range(rng.randrange(0, 25))] for _ in range(300)]
+    assert policy.decode_batch(rows) == [tok.decode(r, skip_special_tokens=True) for r in rows]
+
+
 def test_greedy_sampler_matches_generate(policy):
     _perturb(policy, "student")  # a non-trivial adapter, so the LoRA path is exercised
     policy.use("student")

@@ -6,7 +6,8 @@ dispatch, so two threads under one GIL overlapped nothing (0.139 vs 0.145 s per 
 measured); two processes with one torch thread each run side by side.
 
 Protocol, one pipe, the main process always waits for each reply before the next request:
-    submit(rows)  -> the learner steps the student (then the tutor) on them ...
+    submit(rows)  -> the learner steps the student (then the tutor, if it got tutor rows: the
+                     main process keeps the tutor's update when the adapters are separate) ...
     collect()     -> ... and answers with the metrics, the new adapter weights (one flat fp32
                      vector per adapter) and the adapter versions, which the main process writes
                      into its own policy, from which its sampler is rebuilt.

@@ -13,7 +13,10 @@ costs no training FLOPs.
 Overlap (`trainer.policy_lag: 1`): step 4 hands the rows to a learner process and installs the
 weights of the previous iteration's update instead, so the next rollout runs while this update
 does and samples one update behind (selfplay/learner.py); the ratio to the behaviour log-probs
-and its clip correct for that. Evaluations and checkpoints wait for the pending update first.
+and its clip correct for that. The learner updates the student; this process updates the tutor
+when its next rollout is done, before it waits for the learner, so the two processes' work is
+closer to even (with separate adapters). Evaluations and checkpoints wait for the pending update
+first.
 
 Crash safety: memory holds whole iterations only; checkpoints (adapters, optimizers, RNG states,
 curriculum, counters) are written every `checkpoint_every` iterations by rename. The run stops at
@@ -103,6 +106,11 @@ class SelfPlay:
         self.curriculum = Curriculum(cfg, {t.key for t in self.heldout})
         self.trainer = Trainer(self.policy, cfg)  # with policy_lag 1 the learner's twin steps; this one keeps the versions
         self.learner = Learner(cfg, self.policy, max(1, threads // 2)) if lag else None
+        # policy_lag 1: the learner trains the student; this process trains the tutor once it is
+        # done sampling (it waits for the learner then anyway), unless the two share one adapter
+        self.tutor_here = bool(lag) and cfg.trainer.train_tutor and not cfg.lora.shared
+        self.tutor_rows: tuple | None = None  # (rows, cap) of the pending tutor update
+        self.skipped0 = 0  # both processes start their skip counters from the checkpoint's
         self.env = {"solver_calls": 0, "solver_seconds": 0.0}  # the environment's compute (cumulative)
         self.graph = build_graph(cfg, self.gen, self.prompts, self.trainer.versions,
                                  {t.key for t in self.heldout}, self.env)
@@ -159,7 +167,11 @@ class SelfPlay:
         caps = {"student": cfg.generation.max_new_tokens, "tutor": cfg.generation.tutor_max_new_tokens}
         if self.learner:  # policy_lag 1: update it-1 ran beside this rollout; update it runs beside the next
             m = self.install_update(it)  # its metrics are update it-1's
-            self.learner.submit(mine_rows, caps)
+            if self.tutor_here:
+                self.tutor_rows = (mine_rows["tutor"], caps["tutor"])
+                self.learner.submit({"student": mine_rows["student"], "tutor": []}, caps)
+            else:
+                self.learner.submit(mine_rows, caps)
         else:
             self.backend.sleep()
             m = self.trainer.step("student", mine_rows["student"], caps["student"])
@@ -189,13 +201,19 @@ class SelfPlay:
         """policy_lag 1: wait for the learner's pending update and write its weights into this
         process's policy and sampler; returns that update's metrics ({} when none is pending).
         Evaluations and checkpoints call it first, so they see every update so far."""
+        m = {}
+        if self.tutor_rows is not None:  # the tutor's update it-1, here, from its weights after update it-2
+            rows, cap = self.tutor_rows
+            self.tutor_rows = None
+            m = self.trainer.step("tutor", rows, cap)
         out = self.learner.collect() if self.learner else None
         if out is None:
-            return {}
-        load_adapter_vectors(self.policy, out["weights"])
-        self.trainer.versions.update(out["versions"])  # in place: the episode graph holds this dict
+            return m
+        mine = ("student",) if self.tutor_here else ("student", "tutor")
+        load_adapter_vectors(self.policy, {r: out["weights"][r] for r in mine})
+        self.trainer.versions.update({r: out["versions"][r] for r in mine})  # in place: the graph holds this dict
         self.backend.sync_adapters(it)
-        return out["metrics"]
+        return {**out["metrics"], **m}
 
     def _account(self, turns: list[dict], rows: dict) -> dict[str, float]:
         t = self.cfg.trainer
@@ -251,6 +269,10 @@ class SelfPlay:
         shutil.rmtree(new, ignore_errors=True)
         self.policy.save_adapters(new / "adapters")
         trainer = self.learner.state() if self.learner else self.trainer.state()
+        if self.tutor_here:  # the tutor's optimizer and version live in this process
+            here = self.trainer.state()
+            trainer["opt"]["tutor"], trainer["versions"]["tutor"] = here["opt"]["tutor"], here["versions"]["tutor"]
+            trainer["skipped"] += here["skipped"] - self.skipped0
         torch.save({"iteration": it, "trainer": trainer, "totals": self.totals, "envs": list(envs),
                     "curriculum": self.curriculum.state(), "torch_rng": torch.get_rng_state(),
                     "python_rng": random.getstate(), "backend_rngs": list(backend_rngs)}, new / "state.pt")
@@ -271,6 +293,7 @@ class SelfPlay:
         self.policy.load_adapters(d / "adapters")
         self.backend.sync_adapters(st["iteration"])
         self.trainer.load(st["trainer"])
+        self.skipped0 = self.trainer.skipped
         if self.learner:
             self.learner.load(st["trainer"], adapter_vectors(self.policy))
         self.curriculum.load(st["curriculum"])

@@ -123,8 +123,8 @@ _TOKENS = re.compile(r"\d+|\S")
 
 
 def _parse(s: str):
-    """(value, leaves, height, error) of an expression of the grammar above, else None (unparseable).
-    The value is computed while parsing, operands left to right (a post-order walk); after the first
+    """(value, leaves, height, error) of an expression of the grammar above; raises _Bad
+    (unparseable) for anything else. The value is computed while parsing, operands left to right (a post-order walk); after the first
     arithmetic error, or a literal above MAX_ABS, it is None and `error` says why."""
     toks = _TOKENS.findall(s)
     n, pos = len(toks), 0

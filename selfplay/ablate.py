@@ -86,7 +86,8 @@ def run_grid(path: Path, out: Path, sets: list[str], console=None, jobs: int = 1
 
 def _run_parallel(cells: list[tuple[Path, object]], jobs: int, console=None) -> None:
     """Each cell in its own `selfplay run --resume DIR` process (its config.yaml written first; a
-    fresh dir resumes from iteration 0), `jobs` at a time, each with model.threads as configured."""
+    fresh dir resumes from iteration 0), with model.threads as configured, at most `jobs` processes
+    at once: a policy_lag 1 cell counts two (its learner is a second process)."""
     import subprocess
     import sys
     import time
@@ -95,8 +96,12 @@ def _run_parallel(cells: list[tuple[Path, object]], jobs: int, console=None) -> 
 
     procs: list = []
     pending = list(cells)
+
+    def busy() -> int:
+        return sum(n for *_, n in procs)
+
     while pending or procs:
-        while pending and len(procs) < jobs:
+        while pending and (not procs or busy() + 1 + pending[0][1].trainer.policy_lag <= jobs):
             d, cfg = pending.pop(0)
             d.mkdir(parents=True, exist_ok=True)
             if not (d / "config.yaml").is_file():
@@ -105,10 +110,10 @@ def _run_parallel(cells: list[tuple[Path, object]], jobs: int, console=None) -> 
                 console.print(f"[bold]cell[/bold] {d}")
             log = open(d / "run.log", "a")
             procs.append((d, log, subprocess.Popen([sys.executable, "-m", "selfplay.cli", "run", "--resume", str(d)],
-                                                   stdout=log, stderr=subprocess.STDOUT)))
+                                                   stdout=log, stderr=subprocess.STDOUT), 1 + cfg.trainer.policy_lag))
         time.sleep(1)
         for item in list(procs):
-            d, log, p = item
+            d, log, p, _ = item
             if p.poll() is not None:
                 log.close()
                 procs.remove(item)

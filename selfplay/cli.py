@@ -164,8 +164,8 @@ def bootstrap(config: Optional[Path] = typer.Option(None, help="YAML config (its
 def ablate(config: Path = typer.Option(..., help="Ablation YAML: a base config plus `variants` and `seeds`."),
            out: Optional[Path] = typer.Option(None, help="Output dir (default: runs/ablate-<name>)."),
            set: List[str] = typer.Option([], "--set", help="Override applied to every cell."),
-           jobs: int = typer.Option(1, min=1, help="Cells run at once, each in its own process (give each "
-                                                    "--set model.threads=1 on 2 cores).")):
+           jobs: int = typer.Option(1, min=1, help="Processes at once: each cell runs in its own, a policy_lag 1 "
+                                                    "cell in two (its learner); give each --set model.threads=1.")):
     """Run a grid of variants x seeds at equal budgets; write a table and plots."""
     from selfplay.ablate import run_grid
 

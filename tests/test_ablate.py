@@ -40,13 +40,21 @@ def test_parallel_cells_stop_at_an_equal_flop_budget(base_path, tmp_path):
             "curriculum": {"episodes_per_iter": 4},
             "variants": {"plain": {"graph.hint": False, "graph.mutate": False, "graph.judge": False,
                                    "trainer.train_tutor": False},
-                         "tutor": {"graph.mutate": False, "graph.judge": False}},
+                         "tutor": {"graph.mutate": False, "graph.judge": False},
+                         "lagged": {"graph.hint": False, "graph.mutate": False, "graph.judge": False,
+                                    "trainer.train_tutor": False, "trainer.policy_lag": 1}},
             "seeds": [0]}
     spec["logging"] = {**BASE["logging"], "tensorboard": False, "plot": False}
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(spec))
     run_grid(path, tmp_path / "out", [], jobs=2)  # each cell in its own `selfplay run` process
-    for v in ("plain", "tutor"):
+    # jobs counts processes: the lagged cell (two processes) ran alone. A cell's config.yaml is
+    # written as it starts and its summary.json as it ends: no other cell's interval overlaps it.
+    span = {v: ((tmp_path / "out" / v / "seed0" / "config.yaml").stat().st_mtime,
+                (tmp_path / "out" / v / "seed0" / "summary.json").stat().st_mtime) for v in ("plain", "tutor", "lagged")}
+    lo, hi = span["lagged"]
+    assert all(end <= lo or start >= hi for v, (start, end) in span.items() if v != "lagged"), span
+    for v in ("plain", "tutor", "lagged"):
         d = tmp_path / "out" / v / "seed0"
         s = json.loads((d / "summary.json").read_text())
         per_it = [json.loads(x)["flops/total"] for x in (d / "metrics.jsonl").read_text().splitlines()

@@ -6,8 +6,8 @@ dispatch, so two threads under one GIL overlapped nothing (0.139 vs 0.145 s per 
 measured); two processes with one torch thread each run side by side.
 
 Protocol, one pipe, the main process always waits for each reply before the next request:
-    submit(rows)  -> the learner steps the student (then the tutor, if it got tutor rows: the
-                     main process keeps the tutor's update when the adapters are separate) ...
+    submit(rows)  -> the learner steps each role it got rows for (the student, and the tutor
+                     unless the main process keeps the tutor's update) ...
     collect()     -> ... and answers with the metrics, the new adapter weights (one flat fp32
                      vector per adapter) and the adapter versions, which the main process writes
                      into its own policy, from which its sampler is rebuilt.
@@ -35,9 +35,9 @@ from selfplay.config import RunConfig
 ROLES = ("student", "tutor")
 
 
-def adapter_vectors(policy) -> dict[str, "numpy.ndarray"]:  # noqa: F821
+def adapter_vectors(policy, roles=ROLES) -> dict[str, "numpy.ndarray"]:  # noqa: F821
     """Each role's LoRA weights as one flat array (numpy: pickles as raw bytes)."""
-    return {r: policy.adapter_vector(r).cpu().numpy() for r in ROLES}
+    return {r: policy.adapter_vector(r).cpu().numpy() for r in roles}
 
 
 def load_adapter_vectors(policy, vectors: dict) -> None:
@@ -144,10 +144,12 @@ def serve(cfg: RunConfig, base_path: str, threads: int, conn) -> None:
             return
         try:
             if kind == "step":
-                m = trainer.step("student", msg["rows"]["student"], msg["caps"]["student"])
-                if cfg.trainer.train_tutor:
-                    m.update(trainer.step("tutor", msg["rows"]["tutor"], msg["caps"]["tutor"]))
-                out = {"metrics": m, "weights": adapter_vectors(policy), "versions": dict(trainer.versions)}
+                roles = list(msg["rows"])  # the roles it trains: the main process may keep the tutor
+                m = {}
+                for role in roles:
+                    m.update(trainer.step(role, msg["rows"][role], msg["caps"][role]))
+                out = {"metrics": m, "weights": adapter_vectors(policy, roles),
+                       "versions": {r: trainer.versions[r] for r in roles}}
             elif kind == "state":
                 out = _dumps(trainer.state())
             elif kind == "load":

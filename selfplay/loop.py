@@ -169,7 +169,7 @@ class SelfPlay:
             m = self.install_update(it)  # its metrics are update it-1's
             if self.tutor_here:
                 self.tutor_rows = (mine_rows["tutor"], caps["tutor"])
-                self.learner.submit({"student": mine_rows["student"], "tutor": []}, caps)
+                self.learner.submit({"student": mine_rows["student"]}, caps)
             else:
                 self.learner.submit(mine_rows, caps)
         else:
@@ -209,9 +209,8 @@ class SelfPlay:
         out = self.learner.collect() if self.learner else None
         if out is None:
             return m
-        mine = ("student",) if self.tutor_here else ("student", "tutor")
-        load_adapter_vectors(self.policy, {r: out["weights"][r] for r in mine})
-        self.trainer.versions.update({r: out["versions"][r] for r in mine})  # in place: the graph holds this dict
+        load_adapter_vectors(self.policy, out["weights"])  # the roles the learner trains
+        self.trainer.versions.update(out["versions"])  # in place: the episode graph holds this dict
         self.backend.sync_adapters(it)
         return {**out["metrics"], **m}
 

@@ -52,9 +52,10 @@ def test_learner_update_equals_the_in_process_update(base_path):
     assert not learner.proc.is_alive()
 
 
-def _versions(db):
+def _versions(db, role="student"):
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    rows = con.execute("select iteration, max(adapter_version) from turns where role = 'student' group by iteration").fetchall()
+    rows = con.execute("select iteration, max(adapter_version) from turns where role = ? group by iteration",
+                       (role,)).fetchall()
     con.close()
     return dict(rows)
 
@@ -65,6 +66,16 @@ def _turns(db, first):
                        "where iteration >= ? order by id", (first,)).fetchall()
     con.close()
     return rows
+
+
+def _resumed(sets: dict, out, stop: int, end: int):
+    """The turns from iteration stop+1 of a run stopped after `stop` iterations and resumed to `end`."""
+    run(tiny_config(**sets, iterations=stop), out, quiet=True)
+    conf = yaml.safe_load((out / "config.yaml").read_text())
+    conf["iterations"] = end
+    (out / "config.yaml").write_text(yaml.safe_dump(conf))
+    run(None, out, resume=True, quiet=True)
+    return _turns(out / "memory.db", stop + 1)
 
 
 SETS = {**EASY, "graph.hint": False, "graph.mutate": False, "graph.judge": False, "trainer.train_tutor": False,
@@ -80,13 +91,7 @@ def test_lagged_run_samples_one_update_behind_and_resumes_exactly(base_path, tmp
     # except right after a checkpoint (2, 4), which waits for the pending update
     assert v == {1: 0, 2: 0, 3: 2, 4: 2, 5: 4}, v
     # the same run stopped at iteration 2 and resumed to 5 replays iterations 3-5 exactly
-    part = tmp_path / "part"
-    run(tiny_config(**SETS, iterations=2), part, quiet=True)
-    conf = yaml.safe_load((part / "config.yaml").read_text())
-    conf["iterations"] = 5
-    (part / "config.yaml").write_text(yaml.safe_dump(conf))
-    run(None, part, resume=True, quiet=True)
-    assert _turns(part / "memory.db", 3) == _turns(tmp_path / "whole" / "memory.db", 3)
+    assert _resumed(SETS, tmp_path / "part", 2, 5) == _turns(tmp_path / "whole" / "memory.db", 3)
 
 
 def test_lagged_run_trains_the_tutor_in_the_main_process_and_resumes_exactly(base_path, tmp_path):
@@ -95,15 +100,6 @@ def test_lagged_run_trains_the_tutor_in_the_main_process_and_resumes_exactly(bas
     # processes' optimizers: a run stopped at 2 and resumed to 4 replays iterations 3-4 exactly.
     sets = {**SETS, "graph.judge": True, "trainer.train_tutor": True}
     run(tiny_config(**sets, iterations=4), tmp_path / "whole", quiet=True)
-    whole = _turns(tmp_path / "whole" / "memory.db", 3)
-    con = sqlite3.connect(tmp_path / "whole" / "memory.db")
-    tutor = dict(con.execute("select iteration, max(adapter_version) from turns where role = 'tutor' group by iteration"))
-    con.close()
+    tutor = _versions(tmp_path / "whole" / "memory.db", "tutor")
     assert tutor[1] == 0 and tutor[4] >= 2, tutor  # the tutor was trained, and its weights reached the graph
-    part = tmp_path / "part"
-    run(tiny_config(**sets, iterations=2), part, quiet=True)
-    conf = yaml.safe_load((part / "config.yaml").read_text())
-    conf["iterations"] = 4
-    (part / "config.yaml").write_text(yaml.safe_dump(conf))
-    run(None, part, resume=True, quiet=True)
-    assert _turns(part / "memory.db", 3) == whole
+    assert _resumed(sets, tmp_path / "part", 2, 4) == _turns(tmp_path / "whole" / "memory.db", 3)

@@ -123,13 +123,14 @@ _TOKENS = re.compile(r"\d+|\S")
 
 
 def _parse(s: str):
-    """(value, leaves, height, error) of an expression of the grammar above; raises _Bad
-    (unparseable) for anything else. The value is computed while parsing, operands left to right (a post-order walk); after the first
-    arithmetic error, or a literal above MAX_ABS, it is None and `error` says why."""
+    """(value, leaves, height, errors) of an expression of the grammar above; raises _Bad
+    (unparseable) for anything else. The value is computed while parsing, operands left to right
+    (a post-order walk); after the first arithmetic error, or a literal above MAX_ABS, it is None
+    and `errors` says why."""
     toks = _TOKENS.findall(s)
     n, pos = len(toks), 0
     leaves: list[int] = []
-    error: list[_Bad] = []  # the first one, in evaluation order
+    error: list[_Bad] = []  # in evaluation order (the value stays None after the first)
 
     def atom():
         nonlocal pos

@@ -49,6 +49,7 @@ def main():
         return int((g[:, enc["input_ids"].shape[1]:] != pol.pad_id).sum())
 
     backend = TorchBackend(pol, 1.0, 0, 0)
+    loop = asyncio.new_event_loop()  # one event loop for the bench, as a run has one for all its iterations
 
     def peft_sampler():
         outs = sample(model, rows, max_new_tokens=cap, eos_id=pol.eos_id, pad_id=pol.pad_id,
@@ -66,7 +67,7 @@ def main():
         async def go():
             res = await asyncio.gather(*[gen.generate("student", p, a.group, cap) for p in ids])
             return sum(len(s.ids) for r in res for s in r)
-        n = asyncio.run(go())
+        n = loop.run_until_complete(go())
         rows_out.append(gen.batch_sizes)
         return n
 
@@ -76,7 +77,7 @@ def main():
     def graph():
         backend.rng.manual_seed(0)
         gen, g = graph_gen, compiled
-        states = asyncio.run(run_episodes(g, [episode_input(f"b.{k}", 0, t, None) for k, t in enumerate(tasks)], 64))
+        states = loop.run_until_complete(run_episodes(g, [episode_input(f"b.{k}", 0, t, None) for k, t in enumerate(tasks)], 64))
         rows_out.append(gen.batch_sizes)
         return sum(t["completion_tokens"] for s in states for t in s["turns"])
 

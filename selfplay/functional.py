@@ -178,6 +178,11 @@ def lora_logits(peft_model, adapter: str | None, prompt_ids: torch.Tensor, promp
         if adapter not in mod.lora_A:
             return _plain(h, base_layer)
         A, B, s = mod.lora_A[adapter].weight, mod.lora_B[adapter].weight, mod.scaling[adapter]
+        if base_layer.weight.dtype != A.dtype:  # a bf16/fp16 base with fp32 adapters (peft's default):
+            # a merged half-precision weight would round small LoRA deltas away, so the LoRA path runs
+            # apart in the adapter's dtype and is added in the base's, as peft's forward does
+            y = _plain(h, base_layer)
+            return y + (F.linear(F.linear(h.to(A.dtype), A), B) * s).to(y.dtype)
         if mod not in merged:
             with torch.no_grad():
                 merged[mod] = torch.addmm(base_layer.weight, B, A, alpha=s)

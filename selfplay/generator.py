@@ -79,7 +79,7 @@ class TorchBackend:
                     w = weights[name]
                     if name == "__base__":
                         w.copy_(base_w)
-                    elif mod.fan_in_fan_out or mod.use_dora.get(name):
+                    elif mod.fan_in_fan_out or mod.use_dora.get(name) or base_w.dtype != mod.lora_A[name].weight.dtype:
                         w.copy_(base_w + mod.get_delta_weight(name))
                     else:  # W + scale * B @ A, what get_delta_weight computes, in one kernel
                         torch.addmm(base_w, mod.lora_B[name].weight, mod.lora_A[name].weight,

@@ -1,5 +1,7 @@
 """Policy, sampler and adapters on the real bootstrapped tiny model (1 thread)."""
 
+import math
+
 import torch
 
 from selfplay.policy import make_batch
@@ -278,6 +280,40 @@ def test_functional_lora_forward_equals_peft_in_logprobs_and_gradients(policy):
                 # order (measured <= 3e-6 on one machine's bootstrapped base, 1.1e-5 on another's; a
                 # wrong mask or position is off by far more)
                 assert float((a - c).norm()) <= 1e-4 * float(c.norm()) + 1e-7, (role, float((a - c).norm() / c.norm()))
+
+
+def test_bf16_base_with_fp32_adapters_trains_like_peft(base_path):
+    # A half-precision base with peft's fp32 adapters (configs/qwen-gpu.yaml) crashed the functional
+    # forward (bf16 x fp32 matmul). Its LoRA path now runs in fp32 beside the bf16 base, as peft's
+    # does (a merged bf16 weight would round small deltas away), so log-probs and LoRA gradients
+    # agree with peft's to bf16 rounding; the merged-copy sampler takes peft's delta weight.
+    from selfplay.generator import TorchBackend
+    from selfplay.policy import Policy
+    from tests.conftest import tiny_config
+
+    pol = Policy(tiny_config(**{"model.dtype": "bfloat16"}), base_path)
+    _perturb(pol, "student")
+    pol.use("student")
+    params = pol.adapter_params("student")
+    assert params[0].dtype == torch.float32
+    p = _prompts(pol)
+    b = make_batch([p[0], p[0], p[1]], [[7, 8, pol.eos_id], [9, pol.eos_id], [10, 11]], pol.pad_id)
+    real = b.completion_mask.bool()
+    ours = pol.logprobs(b, "student")  # the functional forward
+    pos = (b.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    theirs = pol.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=pos,
+                       logits_to_keep=b.C + 1).logits[:, :-1].float().log_softmax(-1)
+    theirs = theirs.gather(-1, b.input_ids[:, -b.C:, None]).squeeze(-1)
+    # bf16 rounding moves these log-probs (~ -10) by up to ~0.05 between two summation orders;
+    # the perturbed adapter moves them by up to ~1.1, so a dropped LoRA path fails here
+    assert torch.allclose(ours[real], theirs[real], atol=0.2), (ours - theirs)[real].abs().max()
+    g_ours = torch.autograd.grad(ours[real].sum(), params)
+    g_theirs = torch.autograd.grad(theirs[real].sum(), params)
+    for a, c in zip(g_ours, g_theirs):
+        assert a.dtype == torch.float32 and torch.isfinite(a).all()
+        assert float((a - c).norm()) <= 0.05 * float(c.norm()) + 1e-6  # measured <= 1.1%
+    out = TorchBackend(pol, 1.0, 0, 0).complete([p[0]], ["student"], [4])[0]  # merged bf16 copies build
+    assert len(out.ids) >= 1 and all(math.isfinite(x) for x in out.logprobs)
 
 
 def test_hindsight_rows_add_only_their_weighted_token_nll(base_path):

@@ -48,7 +48,7 @@ class ModelCfg(Section):
     server_timeout_s: float = Field(300.0, gt=0, description="vllm_server only: seconds one request may take before its server counts as dropped.")
     server_retry_s: float = Field(30.0, ge=0, description="vllm_server only: seconds before a dropped server is probed again.")
     device: str = Field("cpu", description="torch device for the policy and the trainer.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="The base weights' dtype (LoRA adapters stay float32, as peft makes them). With a half-precision base the torch backend samples from merged copies in that dtype, which round LoRA deltas below the weights' precision away: behaviour log-probs then differ from the trainer's (vLLM applies LoRA unmerged).")
     threads: int = Field(2, ge=1, description="torch intra-op threads (tests use 1; decode slows badly when oversubscribed).")
     chat_template: bool = Field(False, description="Wrap prompts in the tokenizer's chat template (instruction-tuned models with the chat/ prompts).")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM only: share of GPU memory for weights + KV cache (the trainer shares the GPU).")

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,9 +80,26 @@ def make_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: i
     return Batch(torch.tensor(ids), torch.tensor(mask), torch.tensor(cmask), C)
 
 
+def keep_freed_memory() -> None:
+    """Ask glibc's malloc to keep freed blocks for reuse rather than return them to the OS.
+
+    Every sampler call and every update allocates and frees tens of MB of tensors (KV caches,
+    activations); with glibc's defaults many come back as fresh pages that fault on first touch.
+    Measured at one thread: the sampler 10% and the update 5-9% faster with these two settings.
+    The arithmetic is unchanged; the process keeps its peak memory mapped. A no-op where the C
+    library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MB (glibc's maximum) from the heap
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of freed heap
+    except (OSError, AttributeError):
+        pass
+
+
 class Policy:
     def __init__(self, cfg: RunConfig, base_path: Path | None = None):
         self.cfg = cfg
+        keep_freed_memory()  # (per process; the learner builds its own Policy)
         path = base_path or ensure_base(cfg)
         self.path = path
         self.tokenizer = load_tokenizer(path)

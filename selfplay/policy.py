@@ -74,7 +74,7 @@ def make_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: i
     P = max(len(p) for p in prompts)
     C = max(1, max(len(c) for c in completions))
     # padded rows as lists, then one tensor each (per-row tensors and slice writes cost ~50 us a row)
-    ids = [[pad_id] * (P - len(p)) + p + c + [pad_id] * (C - len(c)) for p, c in zip(prompts, completions)]
+    ids = [[pad_id] * (P - len(p)) + [*p, *c] + [pad_id] * (C - len(c)) for p, c in zip(prompts, completions)]
     mask = [[0] * (P - len(p)) + [1] * (len(p) + len(c)) + [0] * (C - len(c)) for p, c in zip(prompts, completions)]
     cmask = [[1.0] * len(c) + [0.0] * (C - len(c)) for c in completions]
     return Batch(torch.tensor(ids), torch.tensor(mask), torch.tensor(cmask), C)

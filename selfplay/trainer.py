@@ -38,7 +38,7 @@ def _old_logprobs(rows: list[Row], C: int) -> torch.Tensor | None:
     """(B, C) behaviour log-probs right-padded with 0, or None if any row lacks them."""
     if any(r.old_logprobs is None for r in rows):
         return None
-    return torch.tensor([r.old_logprobs + [0.0] * (C - len(r.old_logprobs)) for r in rows])
+    return torch.tensor([[*r.old_logprobs] + [0.0] * (C - len(r.old_logprobs)) for r in rows])
 
 
 def micro_batches(rows: list[Row], size: int, buckets: bool) -> list[list[Row]]:

@@ -1,6 +1,7 @@
 """Plain-GRPO iteration speed (tutor off): 16 prompts x 8 samples by default, the TRL comparison
 setting. Prints seconds per iteration, samples/s and the split between rollout and update, plus a
-stage table with the full tutor on. `--trl` also times TRL's GRPOTrainer on the same model and
+stage table with the full tutor on, and the full tutor's iteration against plain GRPO's in every
+round. `--trl` also times TRL's GRPOTrainer on the same model and
 batch (`pip install -e ".[bench]"`), alternating with ours `--rounds` times in the same process;
 each side's number is the median step after warm-up, and no ratio is printed without TRL.
 
@@ -94,7 +95,7 @@ def main():
     setup(a.threads, a.set)  # builds the base if needed
     plain = ["graph.hint=false", "graph.mutate=false", "graph.judge=false", "trainer.train_tutor=false",
              "trainer.hindsight_nll=0"]  # plain GRPO: the default config relabels failures too
-    rows, ours, theirs = [], {0: [], 1: []}, []
+    rows, ours, theirs, full, stages_ms = [], {0: [], 1: []}, [], {0: [], 1: []}, None
     for r in range(a.rounds):  # alternate, so drift of the machine hits every side
         for lag in (0, 1):  # synchronous; the update overlapping the next rollout in a learner process
             _, ms = time_iterations(plain + [f"trainer.policy_lag={lag}"], a.threads, a.iters, a.set)
@@ -103,6 +104,10 @@ def main():
             rows.append([f"selfplay plain GRPO, policy_lag {lag} (round {r + 1})", f"{s:.3f}", f"{128 / s:.0f}",
                          f"{avg(ms, 'time/rollout_s'):.3f}", f"{avg(ms, 'time/train_s'):.3f}",
                          f"{avg(ms, 'rollout/tokens_per_s'):,.0f}"])
+        for lag in (0, 1):  # the full tutor (the default config) in the same round, at the same lags
+            _, ms = time_iterations([f"trainer.policy_lag={lag}"], a.threads, a.iters, a.set)
+            full[lag].append(statistics.median(m["time/iteration_s"] for m in ms))
+            stages_ms = stages_ms or ms  # round 1, synchronous: the stages run in series
         trl_s = trl_step(a.threads, min(a.iters, 6), a.set) if a.trl else None
         if trl_s:
             theirs.append(trl_s)
@@ -113,24 +118,20 @@ def main():
     table(f"plain GRPO, 16 prompts x 8 samples, {a.threads} threads; {ratio}",
           ["trainer", "s/iteration", "samples/s", "rollout s", "update s (lag 1: wait)", "rollout tokens/s"], rows)
 
-    _, full = time_iterations(["trainer.policy_lag=0"], a.threads, max(5, a.iters // 2), a.set)  # stages in series
-    tot = avg(full, "time/iteration_s")
-    stages = [["rollout (graph: attempts, hints, mutations, judging, verify)", avg(full, "time/rollout_s")],
-              ["update student", avg(full, "trainer/student_seconds")],
-              ["update tutor", avg(full, "trainer/tutor_seconds")]]
+    tot = avg(stages_ms, "time/iteration_s")
+    stages = [["rollout (graph: attempts, hints, mutations, judging, verify)", avg(stages_ms, "time/rollout_s")],
+              ["update student", avg(stages_ms, "trainer/student_seconds")],
+              ["update tutor", avg(stages_ms, "trainer/tutor_seconds")]]
     stages.append(["memory write, curriculum, logging", tot - sum(x[1] for x in stages)])
-    table(f"full tutor iteration ({tot:.3f} s), share of time per stage; peak RSS {peak_rss_mb():.0f} MB",
+    table(f"full tutor iteration, policy_lag 0 ({tot:.3f} s), share of time per stage; peak RSS {peak_rss_mb():.0f} MB",
           ["stage", "seconds", "share"], [[n, f"{v:.3f}", f"{v / tot:.0%}"] for n, v in stages])
     table("trainer rows/s per role (full tutor)", ["role", "rows/s"],
-          [[r, f"{avg(full, f'trainer/{r}_rows_per_s'):.0f}"] for r in ("student", "tutor")])
-    ratios = []
-    for lag in (0, 1):  # the full tutor's iteration against plain GRPO's, each side at the same policy_lag
-        _, ms = time_iterations([f"trainer.policy_lag={lag}"], a.threads, a.iters, a.set)
-        s = statistics.median(m["time/iteration_s"] for m in ms)
-        ratios.append([str(lag), f"{s:.3f}", f"{statistics.median(ours[lag]):.3f}", f"{s / statistics.median(ours[lag]):.2f}x"])
-    table("full tutor (the default config) vs plain GRPO, medians", ["policy_lag", "full tutor s/iteration",
-          "plain s/iteration", "ratio"], ratios)
-
+          [[r, f"{avg(stages_ms, f'trainer/{r}_rows_per_s'):.0f}"] for r in ("student", "tutor")])
+    ratios = [[str(lag), " / ".join(f"{x:.3f}" for x in full[lag]), " / ".join(f"{x:.3f}" for x in ours[lag]),
+               " / ".join(f"{f / p:.2f}x" for f, p in zip(full[lag], ours[lag])),
+               f"{statistics.median(full[lag]) / statistics.median(ours[lag]):.2f}x"] for lag in (0, 1)]
+    table("full tutor (the default config) vs plain GRPO, each round's medians", ["policy_lag", "full tutor s/iteration",
+          "plain s/iteration", "ratio per round", "ratio of medians"], ratios)
 
 if __name__ == "__main__":
     main()

@@ -143,14 +143,8 @@ def _parse(s: str):
         op, b, a = ops.pop(), vals.pop(), vals.pop()
         hb, ha = heights.pop(), heights.pop()
         heights.append((ha if ha > hb else hb) + 1)
-        if a is None or b is None:
-            v = None
-        elif type(a) is int and type(b) is int and op != "/":
-            v = a + b if op == "+" else a - b if op == "-" else a * b
-            if not -MAX_ABS <= v <= MAX_ABS:
-                error.append(_Bad("bad_arithmetic", "intermediate value out of bounds"))
-                v = None
-        else:
+        v = None
+        if a is not None and b is not None:
             v = _exact(op, a, b)
             if v is None:
                 error.append(_Bad("bad_arithmetic", "division by zero"))

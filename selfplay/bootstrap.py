@@ -21,6 +21,10 @@ but well-formed completion, so the prior is "syntactically valid, semantically r
   knows the form from step 0 and RL decides how much to reveal (`graph.hint_form: reveal`).
 - mutate: one random edit of the parent (add / remove / replace a number, or a new target).
 - judge: a random verdict, Y or N.
+- arith (`arith_fraction` of the corpus, 0 by default): arithmetic facts `E:25-7=` → `18`, the
+  value of `a op b` over two numbers (whole values 0..1000 only). Not a turn kind: it
+  gives the base what any pretrained LM has (it can evaluate an expression) without aiming (its
+  Countdown answers stay random), to test whether the student's learning is limited by arithmetic.
 
 Loss is on completion tokens (and EOS) only. The result is saved with `save_pretrained` in a cache
 directory keyed by the bootstrap config, and loads with `AutoModelForCausalLM` like any model.
@@ -46,10 +50,14 @@ from selfplay.domains.countdown import Difficulty, Task, random_expr, verify
 from selfplay.tokenizer import build_tokenizer
 
 FORMAT_VERSION = 5  # bump when the tokenizer or corpus changes, so stale cached bases are not reused
+ADDED = {"arith_fraction": 0.0, "arith_shuffled": False}  # BootstrapCfg fields added since, at their defaults
 
 
 def base_dir(cfg: BootstrapCfg, cache_dir: str) -> Path:
-    key = json.dumps({"v": FORMAT_VERSION, **cfg.model_dump()}, sort_keys=True)
+    # fields added after format 5 enter the key only when set: at their defaults the corpus is the
+    # same as before they existed, so already-built bases stay valid
+    fields = {k: v for k, v in cfg.model_dump().items() if k not in ADDED or v != ADDED[k]}
+    key = json.dumps({"v": FORMAT_VERSION, **fields}, sort_keys=True)
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
     return Path(cache_dir).expanduser() / f"tiny-{digest}"
 
@@ -123,7 +131,28 @@ def example(kind: str, rng: random.Random, cfg: BootstrapCfg) -> tuple[dict, str
     raise ValueError(kind)
 
 
+def arith_example(rng: random.Random, cfg: BootstrapCfg, shuffled: bool | None = None) -> tuple[str, str]:
+    """(prompt, completion) of one arithmetic fact: `a op b` over two numbers and its value, redrawn
+    until the value is a whole number in 0..1000 (one token). With `arith_shuffled` (the control) the
+    completion is the value of another, independent fact: the same format and values, no arithmetic."""
+    while True:
+        nums = [rng.randint(1, cfg.max_value) for _ in range(2)]
+        text = f"{nums[0]}{rng.choice('+-*/')}{nums[1]}"
+        val = verify(text, nums, 0).value
+        if val is not None and val == int(val) and 0 <= val <= 1000:
+            break
+    if cfg.arith_shuffled if shuffled is None else shuffled:
+        val = arith_example(rng, cfg, shuffled=False)[1]
+    return f"E:{text}=", str(int(val))
+
+
 KIND_WEIGHTS = {"attempt": 0.85, "hint": 0.05, "mutate": 0.05, "judge": 0.05}
+
+
+def kind_weights(cfg: BootstrapCfg) -> dict[str, float]:
+    """The turn kinds' shares scaled by 1 - arith_fraction, then `arith` (last, so a zero share
+    draws the same corpus as before it existed)."""
+    return {**{k: w * (1 - cfg.arith_fraction) for k, w in KIND_WEIGHTS.items()}, "arith": cfg.arith_fraction}
 
 
 def corpus_templates() -> dict[str, list[jinja2.Template]]:
@@ -139,11 +168,15 @@ def corpus_templates() -> dict[str, list[jinja2.Template]]:
 
 def batch(rng: random.Random, tok, templates, cfg: BootstrapCfg, n: int):
     """(input_ids, labels) right-padded; labels are -100 on the prompt and padding."""
-    kinds = rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()), k=n)
+    weights = kind_weights(cfg)
+    kinds = rng.choices(list(weights), weights=list(weights.values()), k=n)
     seqs = []
     for kind in kinds:
-        vars, completion = example(kind, rng, cfg)
-        prompt = rng.choice(templates[kind]).render(**vars)
+        if kind == "arith":
+            prompt, completion = arith_example(rng, cfg)
+        else:
+            vars, completion = example(kind, rng, cfg)
+            prompt = rng.choice(templates[kind]).render(**vars)
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         c_ids = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         seqs.append(((p_ids + c_ids)[: cfg.max_positions], len(p_ids)))
@@ -230,6 +263,13 @@ def base_stats(path: Path, run_cfg, n_tasks: int = 200, samples: int = 4) -> dic
         c = Counter(verify(tok.decode(o.ids, skip_special_tokens=True), t.numbers, t.target).reason
                     for o, t in zip(outs, tasks * samples))
         prior[f"{k}_numbers"] = {r: round(n / len(outs), 4) for r, n in sorted(c.items())}
+    if stats["config"].get("arith_fraction"):  # greedy accuracy on fresh arithmetic facts
+        rng = random.Random(777)
+        facts = [arith_example(rng, BootstrapCfg(**stats["config"]), shuffled=False) for _ in range(n_tasks)]
+        outs = sample(model, [tok(p, add_special_tokens=False)["input_ids"] for p, _ in facts], max_new_tokens=4,
+                      eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=0.0)
+        prior["arith_accuracy"] = sum(tok.decode(o.ids, skip_special_tokens=True) == v
+                                      for o, (_, v) in zip(outs, facts)) / n_tasks
     stats["prior"] = prior
     (path / "bootstrap.json").write_text(json.dumps(stats, indent=2))
     return stats

@@ -72,6 +72,8 @@ class BootstrapCfg(Section):
     aim_fraction: float = Field(0.0, ge=0, le=1, description="Share of synthetic attempts whose target equals the chain's value; 0 = a prior that never aims (semantically random).")
     paren_fraction: float = Field(0.25, ge=0, le=1, description="Share of synthetic answers that are random parenthesised trees (the rest are flat `a op b op c`).")
     hint_fraction: float = Field(0.3, ge=0, le=1, description="Share of synthetic attempts that carry a hint, which the chain then starts with.")
+    arith_fraction: float = Field(0.0, ge=0, lt=1, description="Share of the corpus that is arithmetic facts (`E:25-7=` -> `18`): a base that knows some arithmetic but still does not aim. 0 = none (the default base).")
+    arith_shuffled: bool = Field(False, description="Control for `arith_fraction`: each fact's value belongs to another fact (the same format and values, no arithmetic).")
 
 
 class LoraCfg(Section):

@@ -110,7 +110,8 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str, n_rows: int
 def split_masks(completion_mask: torch.Tensor, forced: torch.Tensor, nll_rows: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, C) masks of the sampled tokens (policy-gradient) and of the teacher-forced tokens that
-    get the NLL term. forced: (B,) leading forced tokens per row; nll_rows: (B,) bool."""
+    get the NLL term. forced: (B,) leading forced tokens per row; nll_rows: (B,) each row's weight
+    in the NLL term (0 = off; a bool works)."""
     cols = torch.arange(completion_mask.shape[1], device=completion_mask.device)[None, :]  # (1, C)
     is_forced = (cols < forced[:, None]).to(completion_mask.dtype)  # (B, C)
     return completion_mask * (1 - is_forced), completion_mask * is_forced * nll_rows[:, None].to(completion_mask.dtype)

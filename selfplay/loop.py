@@ -146,16 +146,27 @@ class SelfPlay:
             adv = grpo.class_balanced(adv, [t["verdict"] if t["kind"] == "judge" else None for t in turns])
         rows = {"student": [], "tutor": []}  # every rank's rows (for the FLOP count) ...
         mine_rows = {"student": [], "tutor": []}  # ... and this rank's, which it trains on
+        hint_only = {}  # (group, prompt, hint) -> the one NLL row that stands for a flat group's solved attempts
         for t, a, k in zip(turns, adv, keep):
             t["advantage"] = a
             if t["kind"] == "attempt" and t["hint_round"] > 0 and not cfg.trainer.train_on_hinted:
                 continue
             nll = t["forced"] > 0 and t["verdict"] == "solved"  # imitate a hint prefix that led to a solution
-            if k or nll:  # a flat group has no policy gradient, but its solved rows still get the NLL term
-                row = Row(t["prompt_ids"], t["completion_ids"], a if k else 0.0, t["behaviour_logprobs"], t["forced"], nll)
-                rows[t["role"]].append(row)
-                if t["episode_id"] in local:
-                    mine_rows[t["role"]].append(row)
+            if k:
+                row = Row(t["prompt_ids"], t["completion_ids"], a, t["behaviour_logprobs"], t["forced"], nll)
+            elif nll and cfg.trainer.hint_nll > 0:  # a flat group has no policy gradient: only its hint
+                # tokens are trained (the NLL term), once per distinct hint with the count as weight
+                hint = t["completion_ids"][:t["forced"]]
+                key = (t["group_id"], tuple(t["prompt_ids"]), tuple(hint))
+                if key in hint_only:
+                    hint_only[key].weight += 1
+                    continue
+                row = hint_only[key] = Row(t["prompt_ids"], hint, 0.0, [0.0] * len(hint), len(hint), True)
+            else:
+                continue
+            rows[t["role"]].append(row)
+            if t["episode_id"] in local:
+                mine_rows[t["role"]].append(row)
         if not cfg.trainer.train_tutor:
             rows["tutor"], mine_rows["tutor"] = [], []
         relabelled = hindsight_rows(turns)  # failed attempts, relabelled as solved tasks

@@ -2,8 +2,10 @@
 
 Input rows come with their advantages already computed (per role x turn-kind group, see grpo.py)
 and the sampler's behaviour log-probs, which are the ratio's denominator (`old_logprobs`).
-Hindsight rows (a failed attempt with a relabelled prompt whose target is the value it reached)
-carry no policy gradient: their whole completion gets λ_H · mean NLL over all such tokens
+A row whose completion is all forced tokens has no policy-gradient token and is not counted in
+the policy-gradient normalisers (the loop sends the solved attempts of a flat hinted group as one
+such row: the hint only, `weight` = how many attempts it stands for). Hindsight rows (a failed
+attempt with a relabelled prompt whose target is the value it reached) carry no policy gradient: their whole completion gets λ_H · mean NLL over all such tokens
 (`trainer.hindsight_nll`). Rows are sorted into length buckets (`micro_batches`), so a few long
 answers do not pad every row. A non-finite loss or gradient norm skips that role's update
 (counted in `trainer/skipped`), so a bad batch never corrupts an adapter.
@@ -32,6 +34,7 @@ class Row:
     forced: int = 0  # leading completion tokens that were teacher-forced (a hint), not sampled
     nll: bool = False  # train the forced tokens with the NLL term (the hinted continuation solved)
     hindsight: bool = False  # a relabelled attempt: every completion token gets the hindsight NLL term
+    weight: int = 1  # identical rows merged into one: its NLL term counts this many times
 
 
 def _old_logprobs(rows: list[Row], C: int) -> torch.Tensor | None:
@@ -77,11 +80,11 @@ class Trainer:
         # the normalisers count the rows of EVERY rank (torchrun): the loss of each rank's rows is
         # its share of the global loss, and the summed gradients are one process's on all rows
         n_rows, n_tokens, n_nll, n_hs = (int(x) for x in dist.all_sum([
-            sum(not r.hindsight for r in rows),
+            sum(len(r.completion_ids) > r.forced for r in rows),  # rows with a sampled token
             sum(len(r.completion_ids) - r.forced for r in rows),  # sampled tokens: the PG normaliser
-            sum(r.forced for r in rows if r.nll),
+            sum(r.forced * r.weight for r in rows if r.nll),
             sum(len(r.completion_ids) for r in rows if r.hindsight)]))
-        if not n_rows + n_hs:
+        if not (n_rows or n_hs or (n_nll and t.hint_nll > 0)):
             return {}
         t0 = time.perf_counter()
         pol.use(role)
@@ -106,7 +109,7 @@ class Trainer:
                     pol.use(role)
                 mask, nll_mask = grpo.split_masks(b.completion_mask.to(lp.device),
                                                   torch.tensor([r.forced for r in rs], device=lp.device),
-                                                  torch.tensor([r.nll for r in rs], device=lp.device))
+                                                  torch.tensor([r.nll * r.weight for r in rs], device=lp.device))
                 per_tok, st = grpo.per_token_loss(lp, old[k], adv, t.clip_low, t.clip_high, ref, t.kl_coef)
                 loss = grpo.aggregate(per_tok, mask, t.aggregation, n_rows, n_tokens, max_tokens)
                 if n_nll and t.hint_nll > 0:

@@ -343,6 +343,47 @@ def test_hindsight_rows_add_only_their_weighted_token_nll(base_path):
     assert m["student/grad_norm"] > 0  # the NLL term moves the adapter
 
 
+def test_hint_only_row_trains_like_the_flat_groups_solved_attempts(base_path):
+    # A flat hinted group (advantage 0) whose 3 attempts all solved: each attempt's loss is only
+    # λ · NLL of its 2 forced hint tokens (its sampled rest has advantage 0). One row of just the
+    # hint with weight 3 must give the same gradient: the NLL normaliser is 3·2 = 6 tokens either way,
+    # so λ · 3·(−Σ log p(hint)) / 6 = λ · (−Σ log p(hint)) / 2.
+    # Beside a policy-gradient row, the hint-only row adds exactly that term: it has no sampled
+    # token, so the PG normaliser (sampled tokens) is the PG row's alone.
+    import pytest
+
+    from selfplay.policy import Policy
+    from selfplay.trainer import Row, Trainer
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(**{"trainer.hint_nll": 0.5, "trainer.max_grad_norm": 1e9})
+    pol = Policy(cfg, base_path)
+    p = pol.encode("S:3 7 25>21|")
+    hint = pol.tokenizer("3+", add_special_tokens=False)["input_ids"]
+    rests = [pol.tokenizer(s, add_special_tokens=False)["input_ids"] + [pol.eos_id] for s in ("25-7", "25-7*1", "7+25")]
+    assert len(hint) == 2
+    b = make_batch([p], [hint], pol.pad_id)
+    with torch.no_grad():
+        nll = -pol.logprobs(b, "student")[0, :2].sum().item() / 2
+
+    def update(rows):
+        pol = Policy(cfg, base_path)
+        m = Trainer(pol, cfg).step("student", rows, cfg.generation.max_new_tokens)
+        return m, torch.cat([w.grad.flatten() for w in pol.adapter_params("student")])  # left after the step
+
+    full = [Row(p, hint + r, 0.0, [0.0] * (2 + len(r)), 2, True) for r in rests]
+    merged = [Row(p, hint, 0.0, [0.0, 0.0], 2, True, weight=3)]
+    (m_full, g_full), (m_merged, g_merged) = update(full), update(merged)
+    assert m_merged["student/loss"] == pytest.approx(0.5 * nll, rel=1e-5)
+    assert m_full["student/loss"] == pytest.approx(0.5 * nll, rel=1e-5)
+    assert g_merged.norm() > 0
+    assert (g_full - g_merged).norm() <= 1e-5 * g_merged.norm()
+    pg = Row(p, pol.tokenizer("25-7+3", add_special_tokens=False)["input_ids"] + [pol.eos_id], 1.0, None)
+    m_pg, _ = update([pg])
+    m_both, _ = update([pg, *merged])
+    assert m_both["student/loss"] == pytest.approx(m_pg["student/loss"] + 0.5 * nll, rel=1e-5)
+
+
 def test_length_buckets_give_the_same_update(base_path):
     # Cutting the sorted rows into two micro-batches changes only the summation order: the summed
     # gradient equals the one-batch gradient to float rounding.

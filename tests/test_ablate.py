@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 
 from selfplay.ablate import run_grid
@@ -21,6 +22,10 @@ def test_grid_runs_reuses_cells_and_reports_standard_errors(base_path, tmp_path)
     table = run_grid(path, tmp_path / "out", [])
     rows = [line for line in table.splitlines() if line.startswith("| plain") or line.startswith("| tutor")]
     assert len(rows) == 2 and all("±" in r for r in rows)
+    for v, row in zip(("plain", "tutor"), rows):  # each variant's own "before" (variants may differ in base)
+        before = [json.loads((tmp_path / "out" / v / f"seed{s}" / "summary.json").read_text())["before"]["solve_rate"]
+                  for s in (0, 1)]
+        assert float(row.split("|")[2].split("±")[0]) == pytest.approx(sum(before) / 2, abs=5e-4)
     for v in ("plain", "tutor"):
         for s in (0, 1):
             n = json.loads((tmp_path / "out" / v / f"seed{s}" / "summary.json").read_text())["totals"]["samples/student"]

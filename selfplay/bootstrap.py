@@ -23,8 +23,9 @@ but well-formed completion, so the prior is "syntactically valid, semantically r
 - judge: a random verdict, Y or N.
 - arith (`arith_fraction` of the corpus, 0 by default): arithmetic facts `E:25-7=` → `18`, the
   value of `a op b` over two numbers (whole values 0..1000 only). Not a turn kind: it
-  gives the base what any pretrained LM has (it can evaluate an expression) without aiming (its
-  Countdown answers stay random), to test whether the student's learning is limited by arithmetic.
+  gives the base what any pretrained LM has (arithmetic facts) without aiming (its Countdown
+  answers stay random), to test whether the student's learning is limited by arithmetic;
+  `arith_shuffled` is the control (each fact shows another fact's value).
 
 Loss is on completion tokens (and EOS) only. The result is saved with `save_pretrained` in a cache
 directory keyed by the bootstrap config, and loads with `AutoModelForCausalLM` like any model.
@@ -141,7 +142,8 @@ def arith_example(rng: random.Random, cfg: BootstrapCfg, shuffled: bool | None =
         val = verify(text, nums, 0).value
         if val is not None and val == int(val) and 0 <= val <= 1000:
             break
-    if cfg.arith_shuffled if shuffled is None else shuffled:
+    shuffled = cfg.arith_shuffled if shuffled is None else shuffled
+    if shuffled:
         val = arith_example(rng, cfg, shuffled=False)[1]
     return f"E:{text}=", str(int(val))
 

@@ -146,7 +146,7 @@ class SelfPlay:
             adv = grpo.class_balanced(adv, [t["verdict"] if t["kind"] == "judge" else None for t in turns])
         rows = {"student": [], "tutor": []}  # every rank's rows (for the FLOP count) ...
         mine_rows = {"student": [], "tutor": []}  # ... and this rank's, which it trains on
-        hint_only = {}  # (group, prompt, hint) -> the one NLL row that stands for a flat group's solved attempts
+        hint_only = {}  # (group, hint) -> the one NLL row that stands for a flat group's solved attempts
         for t, a, k in zip(turns, adv, keep):
             t["advantage"] = a
             if t["kind"] == "attempt" and t["hint_round"] > 0 and not cfg.trainer.train_on_hinted:
@@ -157,7 +157,7 @@ class SelfPlay:
             elif nll and cfg.trainer.hint_nll > 0:  # a flat group has no policy gradient: only its hint
                 # tokens are trained (the NLL term), once per distinct hint with the count as weight
                 hint = t["completion_ids"][:t["forced"]]
-                key = (t["group_id"], tuple(t["prompt_ids"]), tuple(hint))
+                key = (t["group_id"], tuple(hint))  # a group shares its prompt (and, hinted, its hint)
                 if key in hint_only:
                     hint_only[key].weight += 1
                     continue

@@ -15,30 +15,77 @@ import time
 from common import args, setup, table
 
 from selfplay.curriculum import Curriculum
-from selfplay.domains.countdown import solve
+import torch
+
+from selfplay.domains.countdown import solve, verify
+from selfplay.domains.countdown.solver import to_expr
 from selfplay.evaluate import evaluate, heldout_tasks
 from selfplay.generator import TorchBackend
 from selfplay.prompts import Prompts
+from selfplay.policy import make_batch
 from selfplay.trainer import Row, Trainer
 
 
-def solution_rows(pol, prompts: Prompts, curriculum: Curriculum, n: int) -> list[Row]:
-    """n fresh tasks, each with the solver's solution as the whole completion (NLL on every token)."""
-    rows = []
+def solution_rows(pol, prompts: Prompts, curriculum: Curriculum, n: int, pick: str, limit: int) -> tuple[list[Row], int]:
+    """n fresh tasks, each with one solution as the whole completion (NLL on every token), and the
+    tokens scored to choose it. `pick`: `solver` = the solver's solution (a flat +/- one when it
+    exists); `likely` = of up to `limit` distinct solutions, the one the student's adapter gives the
+    highest log-probability (the most on-policy demonstration)."""
+    rows, cands = [], []
     while len(rows) < n:
         t = curriculum.fresh()
-        expr = solve(t.numbers, t.target, False).expr
-        if expr is None:
+        exprs = solutions(t.numbers, t.target, limit) if pick == "likely" else [solve(t.numbers, t.target, False).expr]
+        if not exprs or exprs[0] is None:
             continue
-        ids = pol.tokenizer(expr, add_special_tokens=False)["input_ids"] + [pol.eos_id]
         prompt = pol.encode(prompts.render("attempt", numbers=t.numbers, target=t.target, hint=None))
-        rows.append(Row(prompt, ids, 0.0, [0.0] * len(ids), len(ids), hindsight=True))
-    return rows
+        ids = [pol.tokenizer(e, add_special_tokens=False)["input_ids"] + [pol.eos_id] for e in exprs]
+        cands.append(ids)
+        rows.append(Row(prompt, ids[0], 0.0, [0.0] * len(ids[0]), len(ids[0]), hindsight=True))
+    scored = 0
+    if pick == "likely":
+        flat = [(r.prompt_ids, c) for r, cs in zip(rows, cands) for c in cs]
+        with torch.no_grad():
+            b = make_batch([p for p, _ in flat], [c for _, c in flat], pol.pad_id)
+            lp = (pol.logprobs(b, "student") * b.completion_mask).sum(1).tolist()  # (rows x candidates,)
+        scored = sum(len(p) + len(c) for p, c in flat)
+        k = 0
+        for r, cs in zip(rows, cands):
+            best = max(range(len(cs)), key=lambda i: lp[k + i])
+            r.completion_ids, r.old_logprobs, r.forced = cs[best], [0.0] * len(cs[best]), len(cs[best])
+            k += len(cs)
+    return rows, scored
+
+
+def solutions(numbers: list[int], target: int, limit: int) -> list[str]:
+    """Up to `limit` distinct solution texts: every tree, both operand orders, depth first."""
+    out: dict[str, None] = {}
+
+    def go(pool):
+        if len(pool) == 1:
+            if abs(pool[0][0] - target) < 1e-6:
+                out.setdefault(to_expr(pool[0][1]), None)
+            return
+        for i, (a, ea) in enumerate(pool):
+            for j, (b, eb) in enumerate(pool):
+                if i == j:
+                    continue
+                rest = [p for k, p in enumerate(pool) if k not in (i, j)]
+                for v, e in ((a + b, ("+", ea, eb)), (a * b, ("*", ea, eb)), (a - b, ("-", ea, eb)),
+                             (a / b if b else None, ("/", ea, eb))):
+                    if v is not None:
+                        go(rest + [(v, e)])
+                    if len(out) >= limit:
+                        return
+
+    go([(float(n), n) for n in numbers])
+    return [s for s in out if verify(s, numbers, target).solved]  # floats search, the verifier certifies
 
 
 def main():
     a = args(lambda p: (p.add_argument("--steps", type=int, default=600), p.add_argument("--batch", type=int, default=64),
-                        p.add_argument("--eval-every", type=int, default=150)))
+                        p.add_argument("--eval-every", type=int, default=150),
+                        p.add_argument("--pick", choices=("solver", "likely"), default="solver"),
+                        p.add_argument("--candidates", type=int, default=16)))
     cfg, pol = setup(a.threads, ["trainer.hindsight_nll=1.0", "curriculum.fresh_fraction=1.0",
                                  "curriculum.replay_fraction=0.0", *a.set])
     prompts, heldout = Prompts(cfg.prompts), heldout_tasks(cfg.eval)
@@ -55,12 +102,12 @@ def main():
 
     point(0)
     for step in range(1, a.steps + 1):
-        rows = solution_rows(pol, prompts, curriculum, a.batch)
-        tokens += sum(len(r.prompt_ids) + len(r.completion_ids) for r in rows)
+        rows, scored = solution_rows(pol, prompts, curriculum, a.batch, a.pick, a.candidates)
+        tokens += sum(len(r.prompt_ids) + len(r.completion_ids) for r in rows) + scored / 3  # a forward: 2N, not 6N
         trainer.step("student", rows, cfg.generation.max_new_tokens)
         if step % a.eval_every == 0:
             point(step)
-    table(f"oracle SFT: LoRA on the solver's solutions of fresh tasks ({a.threads} threads, batch {a.batch})",
+    table(f"oracle SFT: LoRA on solutions of fresh tasks (pick {a.pick}, {a.threads} threads, batch {a.batch})",
           ["steps", "examples", "train FLOPs", "held-out sampled", "non-flat", "greedy", "wall s"], out)
 
 

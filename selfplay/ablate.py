@@ -190,7 +190,18 @@ def results_table(out: Path, variants: list[str], seeds: list[int], hard: bool) 
     lines.append("")
     lines.append(f"Before = the student at step 0 (its variant's base: variants may bootstrap different bases). "
                  f"Mean ± standard error over {len(seeds)} seeds; each cell evaluated on the same held-out tasks.")
+    lines.append(provenance(list(sums.values())))
     return "\n".join(lines) + "\n"
+
+
+def provenance(summaries: list[dict]) -> str:
+    """One line naming the code the cells ran (`summary["code"]`): a grid is comparable only if that
+    is one commit with no local edits."""
+    codes = [x.get("code") or {} for x in summaries]
+    commits = sorted({c.get("commit", c.get("version", "unrecorded"))[:10] for c in codes})
+    dirty = sum(bool(c.get("dirty")) for c in codes)
+    line = f"Code: {', '.join(commits)}" + (f"; {dirty} of {len(codes)} cells ran with local edits" if dirty else "")
+    return line + (" (cells ran on different code: compare with care)." if len(commits) > 1 or dirty else ".")
 
 
 def _ends(d: Path, k: int = 5) -> tuple[float, float, float, float]:

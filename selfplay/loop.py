@@ -403,8 +403,9 @@ def run(cfg: RunConfig | None, out: Path, resume: bool = False, console=None, qu
     """`selfplay run`: train, evaluating before and after; returns the summary. Under torchrun every
     rank calls it; rank 0 prepares the directory, builds the base, evaluates, logs and checkpoints."""
     from selfplay.policy import ensure_base
-    from selfplay.reporting import Progress, RunLogger
+    from selfplay.reporting import Progress, RunLogger, code_version
 
+    code = code_version()  # before anything is imported lazily: the code this process runs
     dist.init((cfg or prepare_dir(out, None, True)).model.device)  # resume: the run's own config
     lead = dist.rank() == 0
     try:
@@ -464,7 +465,7 @@ def run(cfg: RunConfig | None, out: Path, resume: bool = False, console=None, qu
         logger.log_eval(last, after, "after")
         summary = {"iterations": last, "before": _strip(before), "after": _strip(after),
                    "improvement": compare(before, after), "totals": dict(sp.totals),
-                   "flops": sp.flops(), "env": env, "processes": sp.world}
+                   "flops": sp.flops(), "env": env, "processes": sp.world, "code": code}
         if cfg.rewards.student_source == "judge":
             summary["goodhart"] = goodhart(read_metrics(out))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from rich.console import Console
@@ -12,6 +14,29 @@ from rich.progress import Progress as RichProgress
 from rich.table import Table
 
 from selfplay.config import RunConfig
+
+
+def code_version() -> dict:
+    """What code this process runs: the package version and, from a git checkout (an editable
+    install), the commit and whether the package's files differ from it (`dirty`). A grid's cells
+    each record it: a cell started while the checkout was being edited imports the edited code."""
+    try:
+        out: dict = {"version": version("selfplay")}
+    except PackageNotFoundError:
+        out = {"version": "unknown"}
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():  # a wheel install (site-packages may sit inside another repo)
+        return out
+    try:
+        git = ["git", "-C", str(root)]
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
+        status = subprocess.run([*git, "status", "--porcelain", "--", "selfplay", "roles", "prompts", "configs",
+                                 "pyproject.toml"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):  # no git on the machine
+        return out
+    if head.returncode == 0:
+        out |= {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    return out
 
 
 PLAIN_KEYS = ("student/solve_rate", "student/hinted_solve_rate", "tutor/hint_reward", "tutor/mutate_valid_rate",

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from selfplay.ablate import run_grid
+from selfplay.ablate import provenance, run_grid
 from tests.conftest import BASE
 
 
@@ -32,6 +32,8 @@ def test_grid_runs_reuses_cells_and_reports_standard_errors(base_path, tmp_path)
             # every cell stops once it has drawn 64 student samples; a tutor iteration can overshoot by
             # at most its own hinted attempts (4 episodes x (G + H x hint_attempts) = 4 x 16)
             assert 64 <= n <= 64 + 4 * 16 - 1 and (v == "tutor" or n == 64)
+    code = json.loads((tmp_path / "out" / "plain" / "seed0" / "summary.json").read_text())["code"]
+    assert table.rstrip().splitlines()[-1].startswith(f"Code: {code.get('commit', code['version'])[:10]}")
     assert (tmp_path / "out" / "solve_rate.png").is_file()
     mtime = (tmp_path / "out" / "plain" / "seed0" / "summary.json").stat().st_mtime
     run_grid(path, tmp_path / "out", [])  # finished cells are reused, not rerun
@@ -67,3 +69,13 @@ def test_parallel_cells_stop_at_an_equal_flop_budget(base_path, tmp_path):
         # the run stops at the first iteration that reaches the budget: the one before had not
         assert s["flops"]["flops/total"] >= budget > per_it[-2]
         assert (d / "run.log").is_file()
+
+
+def test_provenance_flags_cells_that_ran_on_different_or_edited_code():
+    a, b = {"code": {"version": "0.1.0", "commit": "a" * 40, "dirty": False}}, {"code": {"version": "0.1.0", "commit": "b" * 40}}
+    assert provenance([a, a]) == "Code: aaaaaaaaaa."
+    assert provenance([a, b]) == "Code: aaaaaaaaaa, bbbbbbbbbb (cells ran on different code: compare with care)."
+    edited = {"code": {**a["code"], "dirty": True}}
+    assert provenance([a, edited]) == ("Code: aaaaaaaaaa; 1 of 2 cells ran with local edits "
+                                       "(cells ran on different code: compare with care).")
+    assert provenance([{}]) == "Code: unrecorded."  # a cell from before summaries recorded their code

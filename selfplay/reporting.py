@@ -18,8 +18,10 @@ from selfplay.config import RunConfig
 
 def code_version() -> dict:
     """What code this process runs: the package version and, from a git checkout (an editable
-    install), the commit and whether the package's files differ from it (`dirty`). A grid's cells
-    each record it: a cell started while the checkout was being edited imports the edited code."""
+    install), the last commit that changed the code (selfplay/, roles/, prompts/, pyproject.toml:
+    a commit of results or configs alone leaves it, as a run's config is saved beside it) and
+    whether those files differ from it (`dirty`). A grid's cells each record it: a cell started
+    while the checkout was being edited imports the edited code."""
     try:
         out: dict = {"version": version("selfplay")}
     except PackageNotFoundError:
@@ -29,12 +31,12 @@ def code_version() -> dict:
         return out
     try:
         git = ["git", "-C", str(root)]
-        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
-        status = subprocess.run([*git, "status", "--porcelain", "--", "selfplay", "roles", "prompts", "configs",
-                                 "pyproject.toml"], capture_output=True, text=True, timeout=30)
+        code = ["--", "selfplay", "roles", "prompts", "pyproject.toml"]
+        head = subprocess.run([*git, "log", "-1", "--format=%H", *code], capture_output=True, text=True, timeout=30)
+        status = subprocess.run([*git, "status", "--porcelain", *code], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):  # no git on the machine
         return out
-    if head.returncode == 0:
+    if head.returncode == 0 and head.stdout.strip():
         out |= {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
     return out
 

@@ -405,7 +405,7 @@ def run(cfg: RunConfig | None, out: Path, resume: bool = False, console=None, qu
     from selfplay.policy import ensure_base
     from selfplay.reporting import Progress, RunLogger, code_version
 
-    code = code_version()  # before anything is imported lazily: the code this process runs
+    code = code_version()  # at the start: the code this process imported (a cell started mid-edit has the edit)
     dist.init((cfg or prepare_dir(out, None, True)).model.device)  # resume: the run's own config
     lead = dist.rank() == 0
     try:

@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import time
 
+import torch
 from common import args, setup, table
 
 from selfplay.curriculum import Curriculum
-import torch
-
 from selfplay.domains.countdown import solve, verify
 from selfplay.domains.countdown.solver import to_expr
 from selfplay.evaluate import evaluate, heldout_tasks
 from selfplay.generator import TorchBackend
-from selfplay.prompts import Prompts
 from selfplay.policy import make_batch
+from selfplay.prompts import Prompts
 from selfplay.trainer import Row, Trainer
 
 
@@ -31,29 +30,26 @@ def solution_rows(pol, prompts: Prompts, curriculum: Curriculum, n: int, pick: s
     tokens scored to choose it. `pick`: `solver` = the solver's solution (a flat +/- one when it
     exists); `likely` = of up to `limit` distinct solutions, the one the student's adapter gives the
     highest log-probability (the most on-policy demonstration)."""
-    rows, cands = [], []
-    while len(rows) < n:
+    prompts_ids, cands = [], []  # per task: prompt ids, candidate completions (ids + EOS)
+    while len(cands) < n:
         t = curriculum.fresh()
         exprs = solutions(t.numbers, t.target, limit) if pick == "likely" else [solve(t.numbers, t.target, False).expr]
         if not exprs or exprs[0] is None:
             continue
-        prompt = pol.encode(prompts.render("attempt", numbers=t.numbers, target=t.target, hint=None))
-        ids = [pol.tokenizer(e, add_special_tokens=False)["input_ids"] + [pol.eos_id] for e in exprs]
-        cands.append(ids)
-        rows.append(Row(prompt, ids[0], 0.0, [0.0] * len(ids[0]), len(ids[0]), hindsight=True))
-    scored = 0
+        prompts_ids.append(pol.encode(prompts.render("attempt", numbers=t.numbers, target=t.target, hint=None)))
+        cands.append([pol.tokenizer(e, add_special_tokens=False)["input_ids"] + [pol.eos_id] for e in exprs])
+    chosen, scored = [cs[0] for cs in cands], 0
     if pick == "likely":
-        flat = [(r.prompt_ids, c) for r, cs in zip(rows, cands) for c in cs]
+        flat = [(p, c) for p, cs in zip(prompts_ids, cands) for c in cs]
         with torch.no_grad():
             b = make_batch([p for p, _ in flat], [c for _, c in flat], pol.pad_id)
-            lp = (pol.logprobs(b, "student") * b.completion_mask).sum(1).tolist()  # (rows x candidates,)
+            lp = (pol.logprobs(b, "student") * b.completion_mask).sum(1).tolist()  # (tasks x candidates,)
         scored = sum(len(p) + len(c) for p, c in flat)
         k = 0
-        for r, cs in zip(rows, cands):
-            best = max(range(len(cs)), key=lambda i: lp[k + i])
-            r.completion_ids, r.old_logprobs, r.forced = cs[best], [0.0] * len(cs[best]), len(cs[best])
+        for i, cs in enumerate(cands):
+            chosen[i] = cs[max(range(len(cs)), key=lambda j: lp[k + j])]
             k += len(cs)
-    return rows, scored
+    return [Row(p, c, 0.0, [0.0] * len(c), len(c), hindsight=True) for p, c in zip(prompts_ids, chosen)], scored
 
 
 def solutions(numbers: list[int], target: int, limit: int) -> list[str]:

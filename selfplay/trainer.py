@@ -6,9 +6,10 @@ A row whose completion is all forced tokens has no policy-gradient token and is 
 the policy-gradient normalisers (the loop sends the solved attempts of a flat hinted group as one
 such row: the hint only, `weight` = how many attempts it stands for). Hindsight rows (a failed
 attempt with a relabelled prompt whose target is the value it reached) carry no policy gradient:
-their whole completion gets λ_H · mean NLL over all such tokens (`trainer.hindsight_nll`). Rows are sorted into length buckets (`micro_batches`), so a few long
-answers do not pad every row. A non-finite loss or gradient norm skips that role's update
-(counted in `trainer/skipped`), so a bad batch never corrupts an adapter.
+their whole completion gets λ_H · mean NLL over all such tokens (`trainer.hindsight_nll`). Rows
+are sorted into length buckets (`micro_batches`), so a few long answers do not pad every row. A
+non-finite loss or gradient norm skips that role's update (counted in `trainer/skipped`), so a bad
+batch never corrupts an adapter.
 """
 
 from __future__ import annotations

@@ -403,3 +403,23 @@ def test_length_buckets_give_the_same_update(base_path):
         Trainer(pol, cfg).step("student", rows, cfg.generation.max_new_tokens)
         grads.append(torch.cat([q.grad.flatten() for q in pol.adapter_params("student")]))
     assert float((grads[0] - grads[1]).norm()) <= 1e-5 * float(grads[0].norm())
+
+
+def test_inverse_cdf_draw_takes_the_first_token_whose_cdf_reaches_u():
+    from selfplay.sampler import draw
+
+    # probs 1/8, 0, 5/8, 1/4 -> cdf 0.125, 0.125, 0.75, 1.0 (by hand): u below 0.125 -> token 0;
+    # between 0.125 and 0.75 -> 2 (token 1 has probability 0 and is never drawn, though its cdf
+    # equals token 0's); above -> 3; u = 0 is clamped to > 0, so it still draws token 0
+    logp = torch.tensor([[0.125, 0.0, 0.625, 0.25]]).log().expand(7, 4)
+    u = torch.tensor([[0.05], [0.12], [0.13], [0.5], [0.74], [0.95], [0.0]])
+    assert draw(logp, u).tolist() == [0, 0, 2, 2, 2, 3, 0]
+    # the same tokens as counting the cdf entries below the threshold (the sampler's former rule),
+    # on random rows with zero-probability tokens (top-k masking)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(256, 50, generator=g).masked_fill(torch.rand(256, 50, generator=g) < 0.5, float("-inf"))
+    logits[:, 0] = 0.0  # every row keeps at least one token
+    lp, u = logits.log_softmax(-1), torch.rand(256, 1, generator=g)
+    cdf = lp.exp().cumsum(-1)
+    assert torch.equal(draw(lp, u), (cdf < u.clamp(min=1e-12) * cdf[:, -1:]).sum(-1).clamp(max=49))
+    assert bool((lp.gather(1, draw(lp, u)[:, None]) > float("-inf")).all())

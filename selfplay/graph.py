@@ -174,13 +174,12 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
             text, samples = await ask("student", "attempt", g.hint_attempts, student_cap, **vars_of(t), hint=hint)
             return [_turn(s, *meta, smp, text, pol.adapters["student"], versions["student"], parse(smp.text), r)
                     | {"hint": hint} for smp in samples]
-        text = prompts.render("attempt", **vars_of(t), hint=None)
-        prompt_ids = pol.encode(text)
+        first = next(x for x in s["turns"] if unhinted_attempt(x))  # the plain task prompt, as round 0 had it
+        text, prompt_ids = first["prompt"], first["prompt_ids"]
         cap = max(1, student_cap - len(forced))
         samples = await gen.generate("student", prompt_ids + forced, g.hint_attempts, cap)
         out = []
-        for smp in samples:
-            full = pol.decode(forced + smp.ids)
+        for smp, full in zip(samples, pol.decode_batch([forced + smp.ids for smp in samples])):
             turn = _turn(s, *meta, smp, text, pol.adapters["student"], versions["student"], parse(full), r)
             out.append(_forced_turn(turn, prompt_ids, forced, smp, full, hint))
         return out

@@ -11,7 +11,9 @@ k times on every attempt of the round and the majority is the attempt's reward; 
 verdict stays on the turn (the truth), and no separate [judge] node runs.
 
 Hints (`graph.hint_*`): when every unhinted attempt failed, the environment's exhaustive solver
-finds a verified solution (environment compute, counted in `env`). The hint comes from the tutor,
+finds a verified solution (environment compute, counted in `env`): the solver's own, or with
+`hint_solution: nearest` the flat solution that shares the longest prefix with one of the failed
+attempts (the minimal correction of what the student wrote). The hint comes from the tutor,
 who sees the solution and chooses how much of it to reveal (`hint_source: tutor`; `hint_form:
 reveal` = it writes the number of solution tokens to show, `text` = it writes the hint), or is a
 prefix of the solution of scheduled length (`schedule`), or the whole solution (`solution`). With
@@ -53,7 +55,7 @@ from roles import TURNS
 from roles.tutor import child_is_valid
 from selfplay.config import RunConfig
 from selfplay.curriculum import mutation_range
-from selfplay.domains.countdown import Difficulty, Task, solve, verify
+from selfplay.domains.countdown import Difficulty, Task, nearest_solution, solve, verify
 from selfplay.generator import Generator, Sample
 from selfplay.prompts import Prompts
 
@@ -223,9 +225,22 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
                 turns[i] = {**x, "reward": TURNS["hint"].reward(x["hint"], t, rate, x["revealed"], rw.hint_reveal_cost)}
         return out
 
+    async def solution_for(s: EpisodeState, failed: list[dict]) -> tuple[str | None, dict]:
+        """The solution a hint is cut from, and the failed attempt the tutor is shown beside it."""
+        t = s["current"]
+        if g.hint_solution == "nearest":
+            t0 = time.perf_counter()
+            near = nearest_solution(t.numbers, t.target, [x["parsed"] or x["completion"] for x in failed])
+            env["solver_calls"] = env.get("solver_calls", 0) + 1
+            env["solver_seconds"] = env.get("solver_seconds", 0.0) + time.perf_counter() - t0
+            if near is not None:
+                return near[0], failed[near[1]]
+        return s.get("solution") or await solution_of(t), failed[-1]
+
     async def hint(s: EpisodeState) -> dict:
         t, r = s["current"], s["hint_round"] + 1
-        solution = s.get("solution") or await solution_of(t)
+        failed = [x for x in s["turns"] if x["kind"] == "attempt" and x["verdict"] != "solved"]
+        solution, shown = await solution_for(s, failed)
         if solution is None:  # unsolvable (a user's task file): nothing to reveal
             return {"hint_round": r, "hints": [], "solution": None}
         sol_tokens = pol.tokens(solution)
@@ -235,9 +250,8 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
             k = math.floor(schedule_share(s.get("progress", 0.0), g.schedule_start, g.schedule_end) * len(sol_tokens))
             hints = [(pol.decode(sol_tokens[:k]), sol_tokens[:k])] if k else []
             return {"hint_round": r, "hints": hints, "solution": solution}
-        failed = [x for x in s["turns"] if x["kind"] == "attempt" and x["verdict"] != "solved"]
         text, samples = await ask("tutor", "hint", g.hints_per_round, tutor_cap, **vars_of(t),
-                                  attempt=failed[-1]["parsed"] or failed[-1]["completion"], solution=solution)
+                                  attempt=shown["parsed"] or shown["completion"], solution=solution)
         new, hints = [], []
         for smp in samples:
             turn = _turn(s, "tutor", "hint", f"{s['episode_id']}:H{r}", smp, text, pol.adapters["tutor"],

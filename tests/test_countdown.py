@@ -250,3 +250,29 @@ def test_generated_targets_are_not_dominated_by_sums():
     assert sum(flat_solvable(t.numbers, t.target) for t in tasks) < 0.4 * 200  # the old generator: 70.5%
     assert len({t.target for t in tasks}) > 60
     assert all(solvable(t.numbers, t.target) for t in tasks)
+
+
+
+def test_nearest_solution_continues_the_longest_prefix_of_a_failed_attempt():
+    from selfplay.domains.countdown import nearest_solution
+    from selfplay.domains.countdown.solver import flat_solutions
+
+    # [3, 7, 25] -> 21 by hand: 3 and 25 added and 7 taken away, in every order that starts with a
+    # number (no unary minus); nothing with * or / reaches 21 (25*3/7 = 75/7, 7*3 needs the 25 gone)
+    assert sorted("".join(s) for s in flat_solutions([3, 7, 25], 21)) == ["25+3-7", "25-7+3", "3+25-7", "3-7+25"]
+    # [2, 3, 4] -> 14: 3*4+2 in both orders of the product, 2+3*4 likewise
+    assert sorted("".join(s) for s in flat_solutions([2, 3, 4], 14)) == ["2+3*4", "2+4*3", "3*4+2", "4*3+2"]
+    assert flat_solutions([5, 5, 2], 20) == []  # only (5+5)*2: 5*5-2 = 23, 5*2+5 = 15, 5*5*2 = 50
+    # "3+25+7" (35) shares "3 + 25" (3 tokens) with 3+25-7, more than with any other solution
+    assert nearest_solution([3, 7, 25], 21, ["3+25+7"]) == ("3+25-7", 0)
+    assert nearest_solution([2, 3, 4], 14, ["3*4-2"]) == ("3*4+2", 0)
+    # "25*3-7" shares only "25": the first such solution in sorted order
+    assert nearest_solution([3, 7, 25], 21, ["25*3-7"]) == ("25+3-7", 0)
+    # attempt 0 shares nothing ("7" starts no solution), attempt 1 shares "3 +": attempt 1 is chosen
+    assert nearest_solution([3, 7, 25], 21, ["7*3*25", "3+7+25"]) == ("3+25-7", 1)
+    # a parenthesised attempt shares no token with a flat solution; no flat solution at all: None
+    assert nearest_solution([3, 7, 25], 21, ["(25-7)*3"]) is None
+    assert nearest_solution([5, 5, 2], 20, ["5+5*2"]) is None
+    for t in generate_tasks(40, 3):  # whatever it returns is a solution by the verifier
+        near = nearest_solution(t.numbers, t.target, [f"{t.numbers[0]}+{t.numbers[-1]}"])
+        assert near is None or verify(near[0], t.numbers, t.target).solved

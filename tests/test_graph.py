@@ -1,6 +1,7 @@
 """The episode graph with the real tiny model: routing, budgets, rewards and fused batches."""
 
 import asyncio
+import re
 import sqlite3
 
 import pytest
@@ -113,6 +114,28 @@ def test_schedule_and_solution_hints_come_from_the_solver(policy):
         for t in (t for t in state["turns"] if t["hint_round"] == 1):
             assert t["hint"] == solve(state["current"].numbers, state["current"].target).expr
             assert t["verdict"] == "solved" or t["completion"] != t["hint"]  # only extra tokens can fail it
+
+
+def test_nearest_hints_continue_a_failed_attempt(policy):
+    from selfplay.domains.countdown import nearest_solution, solve
+
+    tasks = generate_tasks(16, 23)
+    sets = {"graph.judge": False, "graph.group_size": 4, "graph.hint_attempts": 2, "graph.hint_source": "solution",
+            "graph.hint_solution": "nearest"}
+    near_seen = 0
+    for state in _run_at(policy, tiny_config(**sets), tasks, 0.0):
+        if state["solved"]:
+            continue
+        t = state["current"]
+        failed = [x["parsed"] or x["completion"] for x in state["turns"] if x["hint_round"] == 0]
+        near = nearest_solution(t.numbers, t.target, failed)
+        want = near[0] if near else solve(t.numbers, t.target).expr  # the solver's when none is near
+        hinted = [x for x in state["turns"] if x["hint_round"] == 1]
+        assert hinted and all(x["hint"] == want for x in hinted)
+        if near:  # it starts like one of the failed attempts (at least with its first number)
+            near_seen += 1
+            assert re.findall(r"\d+|\S", failed[near[1]])[0] == re.findall(r"\d+|\S", want)[0]
+    assert near_seen >= 3
 
 
 def test_mutation_rewards_and_fallback(policy):

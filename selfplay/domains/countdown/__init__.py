@@ -14,10 +14,10 @@ One noun per module, each a set of plain functions that tests and the curriculum
 from selfplay.domains.countdown.generator import (Difficulty, generate_task, generate_tasks, random_chain, random_expr,
                                                   reachable_targets)
 from selfplay.domains.countdown.mutations import MUTATIONS, mutate
-from selfplay.domains.countdown.solver import Solution, flat_solvable, solvable, solve
+from selfplay.domains.countdown.solver import Solution, flat_solvable, nearest_solution, solvable, solve
 from selfplay.domains.countdown.task import Task, parse_task, read_tasks, write_tasks
 from selfplay.domains.countdown.verifier import REASONS, Verdict, verify
 
-__all__ = ["Difficulty", "reachable_targets", "flat_solvable", "generate_task", "generate_tasks", "random_chain", "random_expr", "MUTATIONS", "mutate",
+__all__ = ["Difficulty", "reachable_targets", "flat_solvable", "nearest_solution", "generate_task", "generate_tasks", "random_chain", "random_expr", "MUTATIONS", "mutate",
            "Solution", "solvable", "solve", "Task", "parse_task", "read_tasks", "write_tasks", "REASONS", "Verdict",
            "verify"]

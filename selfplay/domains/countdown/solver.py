@@ -8,9 +8,12 @@ numbers. Floats search, `verify` certifies: a float near-miss is never reported 
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
+from itertools import permutations, product
 
 import torch
 
@@ -148,6 +151,64 @@ def solve(numbers: list[int], target: int, count: bool = True) -> Solution:
         return Solution(0, None, None)
     n = _counts(tuple(sorted(numbers))).get(_key(float(target)), 1) if count else -1
     return Solution(n, expr, to_steps(tree))
+
+
+_TOKEN = re.compile(r"\d+|\S")
+
+
+def _flat_value(ns: tuple[int, ...], ops: tuple[str, ...]) -> float | None:
+    """The value of the flat expression n0 op0 n1 op1 ... with standard precedence, as a float (the
+    winner is certified by `verify`); None on a division by zero."""
+    total, sign, term = 0.0, 1, float(ns[0])
+    for o, n in zip(ops, ns[1:]):
+        if o == "*":
+            term *= n
+        elif o == "/":
+            if n == 0:
+                return None
+            term /= n
+        else:
+            total, sign, term = total + sign * term, 1 if o == "+" else -1, float(n)
+    return total + sign * term
+
+
+def flat_solutions(numbers: list[int], target: int) -> list[list[str]]:
+    """Every solution without parentheses, as token lists (`["3", "+", "25", "-", "7"]`): each
+    distinct order of the numbers, each operator between (4 numbers: 1,536 candidates, ~1 ms)."""
+    out = []
+    for order in sorted(set(permutations(numbers))):
+        for ops in product("+-*/", repeat=len(order) - 1):
+            v = _flat_value(order, ops)
+            if v is not None and abs(v - target) < 1e-6:
+                toks = [str(order[0])]
+                for o, n in zip(ops, order[1:]):
+                    toks += [o, str(n)]
+                out.append(toks)
+    return out
+
+
+def nearest_solution(numbers: list[int], target: int, attempts: list[str]) -> tuple[str, int] | None:
+    """The verified solution that shares the longest prefix (in tokens: numbers and characters)
+    with one of the failed `attempts`, and that attempt's index; None when no flat solution starts
+    with the first number of any attempt. The minimal correction of what the student wrote: a hint
+    built on it forces mostly the student's own tokens, so its hinted attempts continue from
+    states the student reaches by itself (a canonical solution's prefix is one it rarely visits).
+    Only flat solutions are candidates (the tiny prior writes flat expressions 75% of the time)."""
+    best, k_best = None, 0
+    sols = flat_solutions(numbers, target)
+    for i, a in enumerate(attempts):
+        toks = _TOKEN.findall(a or "")
+        for sol in sols:
+            k = 0
+            for x, y in zip(toks, sol):
+                if x != y:
+                    break
+                k += 1
+            if k > k_best:
+                best, k_best = ("".join(sol), i), k
+    if best is None or not verify(best[0], numbers, target).solved:  # floats search, the verifier certifies
+        return None
+    return best
 
 
 def reachable_values(nums: tuple[int, ...]) -> dict[float, int]:

@@ -309,9 +309,23 @@ def test_bf16_base_with_fp32_adapters_trains_like_peft(base_path):
     assert torch.allclose(ours[real], theirs[real], atol=0.2), (ours - theirs)[real].abs().max()
     g_ours = torch.autograd.grad(ours[real].sum(), params)
     g_theirs = torch.autograd.grad(theirs[real].sum(), params)
-    for a, c in zip(g_ours, g_theirs):
+    # the exact gradients: the same adapter on the float32 base, through peft. How far a bf16
+    # gradient lands from them depends on the CPU's bf16 kernels and the summation order: ours
+    # attends to a shared prompt's keys through a concatenation, transformers runs one SDPA per
+    # row. Measured: within 1.1% of peft's with AVX-512 BF16; on an AVX2-only CPU peft's own bf16
+    # gradients are within 2.6% of the exact ones and ours within 7.2% (the last layer's q/k,
+    # 1-3% elsewhere). A dropped LoRA path or a wrong scale is off by about the whole norm.
+    exact = Policy(tiny_config(), base_path)
+    exact.set_adapter_vector("student", pol.adapter_vector("student").float())
+    exact.use("student")
+    ref = exact.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=pos,
+                      logits_to_keep=b.C + 1).logits[:, :-1].log_softmax(-1)
+    ref = ref.gather(-1, b.input_ids[:, -b.C:, None]).squeeze(-1)
+    g_exact = torch.autograd.grad(ref[real].sum(), exact.adapter_params("student"))
+    for a, c, e in zip(g_ours, g_theirs, g_exact):
         assert a.dtype == torch.float32 and torch.isfinite(a).all()
-        assert float((a - c).norm()) <= 0.05 * float(c.norm()) + 1e-6  # measured <= 1.1%
+        assert float((a - e).norm()) <= 0.1 * float(e.norm()) + 1e-6
+        assert float((c - e).norm()) <= 0.1 * float(e.norm()) + 1e-6  # the reference is bf16-close too
     out = TorchBackend(pol, 1.0, 0, 0).complete([p[0]], ["student"], [4])[0]  # merged bf16 copies build
     assert len(out.ids) >= 1 and all(math.isfinite(x) for x in out.logprobs)
 

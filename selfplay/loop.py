@@ -107,10 +107,8 @@ class SelfPlay:
         self.trainer = Trainer(self.policy, cfg)  # with policy_lag 1 the learner's twin steps; this one keeps the versions
         self.learner = Learner(cfg, self.policy, max(1, threads // 2)) if lag else None
         # policy_lag 1: the learner trains the student; this process trains the tutor once it is
-        # done sampling (it waits for the learner then anyway), unless the two share one adapter or
-        # the tutor's update is placed in the learner (trainer.tutor_update)
-        self.tutor_here = (bool(lag) and cfg.trainer.train_tutor and not cfg.lora.shared
-                           and cfg.trainer.tutor_update == "main")
+        # done sampling (it waits for the learner then anyway), unless the two share one adapter
+        self.tutor_here = bool(lag) and cfg.trainer.train_tutor and not cfg.lora.shared
         self.tutor_rows: tuple | None = None  # (rows, cap) of the pending tutor update
         self.skipped0 = 0  # both processes start their skip counters from the checkpoint's
         self.env = {"solver_calls": 0, "solver_seconds": 0.0}  # the environment's compute (cumulative)

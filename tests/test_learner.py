@@ -103,14 +103,3 @@ def test_lagged_run_trains_the_tutor_in_the_main_process_and_resumes_exactly(bas
     tutor = _versions(tmp_path / "whole" / "memory.db", "tutor")
     assert tutor[1] == 0 and tutor[4] >= 2, tutor  # the tutor was trained, and its weights reached the graph
     assert _resumed(sets, tmp_path / "part", 2, 4) == _turns(tmp_path / "whole" / "memory.db", 3)
-
-
-def test_the_tutor_update_in_either_process_gives_the_same_run(base_path, tmp_path):
-    # trainer.tutor_update only moves the tutor's (lagged) update between the two processes: the
-    # same rows, weights and optimizer, so the same tutor versions and the same stored turns
-    sets = {**SETS, "graph.judge": True, "trainer.train_tutor": True}
-    for where in ("main", "learner"):
-        run(tiny_config(**sets, iterations=4, **{"trainer.tutor_update": where}), tmp_path / where, quiet=True)
-    main, learner = (tmp_path / w / "memory.db" for w in ("main", "learner"))
-    assert _versions(learner, "tutor") == _versions(main, "tutor") and _versions(main, "tutor")[4] >= 2
-    assert _turns(learner, 1) == _turns(main, 1)

@@ -252,7 +252,6 @@ def test_generated_targets_are_not_dominated_by_sums():
     assert all(solvable(t.numbers, t.target) for t in tasks)
 
 
-
 def test_nearest_solution_continues_the_longest_prefix_of_a_failed_attempt():
     from selfplay.domains.countdown import nearest_solution
     from selfplay.domains.countdown.solver import flat_solutions

@@ -127,7 +127,7 @@ def test_nearest_hints_continue_a_failed_attempt(policy):
         if state["solved"]:
             continue
         t = state["current"]
-        failed = [x["parsed"] or x["completion"] for x in state["turns"] if x["hint_round"] == 0]
+        failed = [x["parsed"] or x["completion"] for x in state["turns"] if x["kind"] == "attempt" and x["hint_round"] == 0]
         near = nearest_solution(t.numbers, t.target, failed)
         want = near[0] if near else solve(t.numbers, t.target).expr  # the solver's when none is near
         hinted = [x for x in state["turns"] if x["hint_round"] == 1]

@@ -1,5 +1,6 @@
 """Exhaustive Countdown solver: certifies tutor-made tasks as solvable, counts solutions (a
-difficulty feature) and gives reference solutions.
+difficulty feature) and gives reference solutions: its own (`solve`), or the flat solution nearest
+to a student's failed attempt (`nearest_solution`, for hints built on what the student wrote).
 
 Search splits the multiset into two parts and combines the values reachable from each (memoised
 on the sorted sub-multiset). Counts expression trees up to commutativity of + and *; fine up to 6

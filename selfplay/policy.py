@@ -211,11 +211,15 @@ class Policy:
 
     # ---------------------------------------------------------------- scoring
 
-    def _forward_logprobs(self, b: Batch, adapter: str | None) -> torch.Tensor:
-        """Log-probs under the rollout's sampling distribution (logits / T, then the top-k filter),
-        so the ratio to the sampler's behaviour log-probs is 1 at the weights that sampled.
-        `adapter` None = the base. Supported models take the functional forward (the same sums as
-        peft's, without its per-module overhead), others peft's."""
+    def _forward_logprobs(self, b: Batch, adapter: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C) log-probs under the rollout's sampling distribution (logits / T, then the top-k
+        filter), so the ratio to the sampler's behaviour log-probs is 1 at the weights that
+        sampled; and under the tempered distribution without the filter, for the NLL terms, whose
+        targets were not sampled (a hint, a relabelled attempt under its new prompt): outside the
+        top k their sampling log-prob is -inf, which made the loss infinite and dropped the whole
+        update. Without top-k the two are one tensor. `adapter` None = the base. Supported models
+        take the functional forward (the same sums as peft's, without its per-module overhead),
+        others peft's."""
         dev, g = self.cfg.model.device, self.cfg.generation
         ids, mask = b.input_ids.to(dev), b.attention_mask.to(dev)
         if self.functional(adapter):
@@ -228,19 +232,32 @@ class Policy:
             with self.model.disable_adapter() if adapter is None else contextlib.nullcontext():
                 logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
                                     logits_to_keep=b.C + 1).logits[:, :-1].float()
-        logits = sampling_logits(logits, g.temperature, g.top_k)
-        targets = ids[:, -b.C:]  # (B, C)
-        return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)  # (B, C)
+        logits = sampling_logits(logits, g.temperature, 0)  # (B, C, V) tempered
+        targets = ids[:, -b.C:, None]  # (B, C, 1)
+        tempered = logits.log_softmax(-1).gather(-1, targets).squeeze(-1)  # (B, C)
+        if not g.top_k:
+            return tempered, tempered
+        top = logits.topk(g.top_k, dim=-1).values  # (B, C, k)
+        x = logits.gather(-1, targets).squeeze(-1)  # (B, C)
+        kept = x - top.logsumexp(-1)  # log-softmax over the top k, as sampling_logits + log_softmax
+        return kept.masked_fill(x < top[..., -1], float("-inf")), tempered
 
     def logprobs(self, b: Batch, role: str) -> torch.Tensor:
-        """Per-token log-probs of the completions under `role`'s adapter, with grad. (B, C)"""
+        """Per-token log-probs of the completions under `role`'s adapter (the sampling
+        distribution), with grad. (B, C)"""
+        self.use(role)
+        return self._forward_logprobs(b, self.adapters[role])[0]
+
+    def train_logprobs(self, b: Batch, role: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sampling, tempered) per-token log-probs under `role`'s adapter, with grad, from one
+        forward: the ratio's and the NLL terms'. (B, C) each"""
         self.use(role)
         return self._forward_logprobs(b, self.adapters[role])
 
     @torch.no_grad()
     def ref_logprobs(self, b: Batch) -> torch.Tensor:
-        """Per-token log-probs under the base (adapters disabled). (B, C)"""
-        return self._forward_logprobs(b, None)
+        """Per-token log-probs under the base (adapters disabled), sampling distribution. (B, C)"""
+        return self._forward_logprobs(b, None)[0]
 
 
 def load_policy_from_run(run_dir: Path, cfg: RunConfig) -> Policy:

@@ -6,7 +6,9 @@ A row whose completion is all forced tokens has no policy-gradient token and is 
 the policy-gradient normalisers (the loop sends the solved attempts of a flat hinted group as one
 such row: the hint only, `weight` = how many attempts it stands for). Hindsight rows (a failed
 attempt with a relabelled prompt whose target is the value it reached) carry no policy gradient:
-their whole completion gets λ_H · mean NLL over all such tokens (`trainer.hindsight_nll`). Rows
+their whole completion gets λ_H · mean NLL over all such tokens (`trainer.hindsight_nll`). The NLL
+terms score their targets under the tempered distribution without the top-k filter (they were not
+sampled, and outside the top k their sampling log-prob is -inf); the ratio uses the filtered one. Rows
 are sorted into length buckets (`micro_batches`), so a few long answers do not pad every row. A
 non-finite loss or gradient norm skips that role's update (counted in `trainer/skipped`), so a bad
 batch never corrupts an adapter.
@@ -101,7 +103,7 @@ class Trainer:
             total = 0.0
             for k, (b, rs) in enumerate(zip(built, batches)):
                 adv = torch.tensor([r.advantage for r in rs], device=pol.cfg.model.device)
-                lp = pol.logprobs(b, role)  # (b, C)
+                lp, lp_nll = pol.train_logprobs(b, role)  # (b, C) each: the ratio's, the NLL terms
                 if old[k] is None:
                     old[k] = lp.detach()
                 old[k] = old[k].to(lp.device)
@@ -114,10 +116,10 @@ class Trainer:
                 per_tok, st = grpo.per_token_loss(lp, old[k], adv, t.clip_low, t.clip_high, ref, t.kl_coef)
                 loss = grpo.aggregate(per_tok, mask, t.aggregation, n_rows, n_tokens, max_tokens)
                 if n_nll and t.hint_nll > 0:
-                    loss = loss + t.hint_nll * grpo.nll(lp, nll_mask, n_nll)
+                    loss = loss + t.hint_nll * grpo.nll(lp_nll, nll_mask, n_nll)
                 if n_hs:
                     hs_mask = b.completion_mask.to(lp.device) * torch.tensor([r.hindsight for r in rs], device=lp.device)[:, None]
-                    loss = loss + t.hindsight_nll * grpo.nll(lp, hs_mask, n_hs)
+                    loss = loss + t.hindsight_nll * grpo.nll(lp_nll, hs_mask, n_hs)
                 loss.backward()
                 total += loss.item()
                 if epoch == t.epochs - 1:

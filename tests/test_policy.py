@@ -437,3 +437,37 @@ def test_inverse_cdf_draw_takes_the_first_token_whose_cdf_reaches_u():
     cdf = lp.exp().cumsum(-1)
     assert torch.equal(draw(lp, u), (cdf < u.clamp(min=1e-12) * cdf[:, -1:]).sum(-1).clamp(max=49))
     assert bool((lp.gather(1, draw(lp, u)[:, None]) > float("-inf")).all())
+
+
+def test_top_k_scoring_keeps_the_nll_terms_finite(base_path):
+    # With generation.top_k the ratio's log-probs are the sampler's: -inf outside the top k, and
+    # inside it x_t - logsumexp(top k), which is the old rule (filter the tempered logits, then
+    # log_softmax). The NLL terms' targets were not sampled (a hint, an attempt under a relabelled
+    # prompt), so they take the tempered log-probs without the filter: a target outside the top k
+    # has a finite NLL and the update runs (before, its -inf made the loss infinite and the
+    # non-finite guard dropped the whole update).
+    from selfplay.policy import Policy, sampling_logits
+    from selfplay.trainer import Row, Trainer
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(**{"generation.top_k": 2, "generation.temperature": 0.7, "trainer.hindsight_nll": 3.0})
+    pol = Policy(cfg, base_path)
+    _perturb(pol, "student")
+    p = _prompts(pol)
+    completion = [7, 8, 9, pol.eos_id]  # arbitrary tokens: some fall outside the top 2
+    b = make_batch([p[0]], [completion], pol.pad_id)
+    kept, tempered = pol.train_logprobs(b, "student")
+    pol.use("student")
+    pos = (b.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = pol.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=pos,
+                       logits_to_keep=b.C + 1).logits[:, :-1].float()
+    target = b.input_ids[:, -b.C:, None]
+    old_rule = sampling_logits(logits, 0.7, 2).log_softmax(-1).gather(-1, target).squeeze(-1)
+    assert torch.equal(torch.isinf(kept), torch.isinf(old_rule)) and torch.isinf(kept).any()
+    fin = torch.isfinite(old_rule)
+    assert torch.allclose(kept[fin], old_rule[fin], atol=1e-5)
+    assert torch.allclose(tempered, (logits / 0.7).log_softmax(-1).gather(-1, target).squeeze(-1), atol=1e-5)
+    before = pol.adapter_vector("student").clone()
+    m = Trainer(pol, cfg).step("student", [Row(p[0], completion, 0.0, [0.0] * 4, 4, hindsight=True)], 24)
+    assert "student/skipped_update" not in m and math.isfinite(m["student/loss"])
+    assert not torch.equal(pol.adapter_vector("student"), before)  # the relabelled row trained

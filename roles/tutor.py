@@ -12,6 +12,12 @@
   form s - c * f also paid failing hints for being short, and with 2 hints per group the tutor
   collapsed to revealing nothing in 3 of 6 runs (hinted success 2%); the others settled near 40%
   revealed and 37% success. Group: the H hints written for one failed group.
+  Alternative (`rewards.hint_reward: learnability`, `hint_learnability`): the hinted group's
+  learnability, 1 - s when 0 < s < 1 and 0 when s is 0 or 1 (Absolute Zero's proposer reward
+  applied to the hinted group; HiLL's idea that a hint is worth what it makes a non-degenerate
+  GRPO group). A hint the student always finishes (s = 1) gives its group no policy gradient, so it
+  pays nothing however it was reached; the best hint is the least that lets 1 of the attempts
+  through. No reveal cost: revealing less is what lowers s.
 - mutate: sees a parent task, writes a child task. Reward = learnability 1 - p̂ of the child under
   the student when 0 < p̂ < 1 (Absolute Zero's proposer reward), `mutate_degenerate` when p̂ is 0
   or 1, `mutate_invalid` when the child is malformed, a duplicate of its parent, more than a small
@@ -37,6 +43,12 @@ def hint_reward(hint: str, task: Task, success_rate: float, revealed: float, rev
     if verify(hint, task.numbers, task.target).solved:
         success_rate = 0.0  # a full solution is not a hint
     return success_rate * (1.0 - reveal_cost * min(revealed, 1.0))
+
+
+def hint_learnability(hint: str, task: Task, success_rate: float) -> float:
+    if verify(hint, task.numbers, task.target).solved or not 0.0 < success_rate < 1.0:
+        return 0.0
+    return 1.0 - success_rate
 
 
 def parse_child(text: str) -> Task | None:

@@ -120,6 +120,7 @@ class RewardsCfg(Section):
     mutate_invalid: float = Field(-1.0, description="Mutate reward for a malformed, unsolvable (by the solver) or duplicate child.")
     student_source: Literal["verifier", "judge"] = Field("verifier", description="What pays the student: the exact verifier, or the tutor's judge (every attempt judged, graph.judge_votes verdicts, majority Y = 1 else 0). Every attempt is verified either way and both are logged (student/judge_reward, student/true_solve_rate); hint routing and the curriculum's solve counts still read the verifier.")
     hint_reveal_cost: float = Field(0.5, ge=0, le=1, description="Hint reward = hinted success rate x (1 - cost x share of the solution's tokens revealed): the tutor is paid for the least it must reveal for the student to succeed. A hint that is itself a full solution counts as a failure.")
+    hint_reward: Literal["reveal_cost", "learnability"] = Field("reveal_cost", description="The tutor's hint reward: reveal_cost = hinted success rate x (1 - hint_reveal_cost x revealed share); learnability = 1 - hinted success rate when it is strictly between 0 and 1, else 0 (the hinted GRPO group's learnability; roles/tutor.py).")
 
 
 class TrainerCfg(Section):

@@ -36,8 +36,8 @@ flow through the state with each turn (a revealed hint's ids are the solution's 
 sampled is re-tokenised. Every turn record carries its reward when the episode ends; advantages
 are added by the loop, which sees the groups that span episodes (mutations of one parent).
 
-Rewards (roles/): attempt = verifier outcome; hint = hinted success rate minus the revealed share's
-cost; mutate = learnability of the child under the student's unhinted attempts; judge = agreement
+Rewards (roles/): attempt = verifier outcome; hint = hinted success rate discounted by the revealed
+share (or the hinted group's learnability, `rewards.hint_reward`); mutate = learnability of the child under the student's unhinted attempts; judge = agreement
 with the verifier.
 """
 
@@ -52,7 +52,7 @@ from typing import TypedDict
 from langgraph.graph import END, START, StateGraph
 
 from roles import TURNS
-from roles.tutor import child_is_valid
+from roles.tutor import child_is_valid, hint_learnability
 from selfplay.config import RunConfig
 from selfplay.curriculum import mutation_range
 from selfplay.domains.countdown import Difficulty, Task, nearest_solution, solve, verify
@@ -222,7 +222,9 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
                 x = turns[i]
                 grp = f"{s['episode_id']}:h{r}.{j}"
                 rate = sum(a["verdict"] == "solved" for a in turns if a["group_id"] == grp) / g.hint_attempts
-                turns[i] = {**x, "reward": TURNS["hint"].reward(x["hint"], t, rate, x["revealed"], rw.hint_reveal_cost)}
+                reward = (hint_learnability(x["hint"], t, rate) if rw.hint_reward == "learnability"
+                          else TURNS["hint"].reward(x["hint"], t, rate, x["revealed"], rw.hint_reveal_cost))
+                turns[i] = {**x, "reward": reward}
         return out
 
     async def solution_for(s: EpisodeState, failed: list[dict]) -> tuple[str | None, dict]:

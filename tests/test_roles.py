@@ -2,7 +2,7 @@ import pytest
 
 from roles import TURNS
 from roles.student import attempt_reward, extract_answer
-from roles.tutor import child_is_valid, edit_size, hint_reward, judge_reward, mutate_reward, parse_child, parse_verdict
+from roles.tutor import child_is_valid, edit_size, hint_learnability, hint_reward, judge_reward, mutate_reward, parse_child, parse_verdict
 from selfplay.domains.countdown import Difficulty, Task, verify
 
 TASK = Task([25, 3, 7], 21, id="p")
@@ -24,6 +24,17 @@ def test_hint_reward_by_hand():
     # a failing hint pays 0 however short; a full solution scores as a failure (s = 0)
     assert hint_reward("25", TASK, 0.0, 0.2, 0.5) == 0.0
     assert hint_reward("25+3-7", TASK, 1.0, 1.0, 0.5) == 0.0
+
+
+def test_hint_learnability_by_hand():
+    # r = 1 - s for 0 < s < 1, else 0: 1 of 4 continuations solved -> 0.75, 3 of 4 -> 0.25
+    assert hint_learnability("25", TASK, 0.25) == pytest.approx(0.75)
+    assert hint_learnability("25+", TASK, 0.75) == pytest.approx(0.25)
+    # a hint every attempt finishes (s = 1) or none does (s = 0) leaves a flat group: 0
+    assert hint_learnability("25+3", TASK, 1.0) == 0.0
+    assert hint_learnability("", TASK, 0.0) == 0.0
+    # a full solution is not a hint, even with a mixed group
+    assert hint_learnability("25+3-7", TASK, 0.5) == 0.0
 
 
 def test_mutate_reward_by_hand():

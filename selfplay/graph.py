@@ -204,7 +204,7 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
             if turn["kind"] == "attempt" and turn["verdict"] is None:
                 v = verify(turn["parsed"] or "", t.numbers, t.target)
                 turn = {**turn, "verdict": v.reason, "reward": TURNS["attempt"].reward(v, rw.format_credit)}
-                if hindsight and v.reason == "wrong_value":
+                if hindsight and v.reason == "wrong_value" and (r == 0 or cfg.trainer.hindsight_hinted):
                     turn["hindsight_ids"] = relabelled(t, v.value)
                 solved_round |= v.solved
             turns.append(turn)

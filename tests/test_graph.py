@@ -226,3 +226,21 @@ def test_hindsight_relabels_failed_attempts_as_solved_tasks(policy):
     _, again = _run(policy, cfg, tasks, heldout=keys)
     assert [a["completion_ids"] for s in again for a in s["turns"]] == [a["completion_ids"] for a in turns]
     assert not any(a.get("hindsight_ids") for s in again for a in s["turns"])
+
+
+def test_hindsight_hinted_false_relabels_unhinted_attempts_only(policy):
+    # The same seed draws the same attempts with either setting; only hinted attempts (whose
+    # completion starts with the solver's revealed tokens) lose their relabelled prompt.
+    cfg = {"graph.judge": False, "graph.hint_source": "schedule", "graph.schedule_start": 0.5,
+           "trainer.hindsight_nll": 1.0}
+    tasks = generate_tasks(32, 7)
+    _, on = _run(policy, tiny_config(**cfg), tasks)
+    _, off = _run(policy, tiny_config(**cfg, **{"trainer.hindsight_hinted": False}), tasks)
+    turns_on = [a for s in on for a in s["turns"] if a["kind"] == "attempt"]
+    turns_off = [a for s in off for a in s["turns"] if a["kind"] == "attempt"]
+    assert [a["completion_ids"] for a in turns_on] == [a["completion_ids"] for a in turns_off]
+    hinted = [(a, b) for a, b in zip(turns_on, turns_off) if a["hint_round"] > 0]
+    assert sum(bool(a.get("hindsight_ids")) for a, _ in hinted) >= 1  # relabelled when allowed
+    assert not any(b.get("hindsight_ids") for _, b in hinted)
+    assert all(a.get("hindsight_ids") == b.get("hindsight_ids") for a, b in zip(turns_on, turns_off)
+               if a["hint_round"] == 0)

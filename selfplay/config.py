@@ -138,6 +138,7 @@ class TrainerCfg(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping per adapter.")
     train_tutor: bool = Field(True, description="Update the tutor adapter (False freezes it: tutor = base + frozen adapter).")
     train_on_hinted: bool = Field(True, description="Student groups of hinted attempts are trained too (GRPO on the sampled continuation; with hint_place=prompt the prompt keeps the hint).")
+    hinted_pg: bool = Field(True, description="Hinted attempts get the policy gradient on their sampled continuation; False keeps only the NLL on the hint tokens of those that solved (imitation of the revealed prefix, no RL on hinted states). Needs train_on_hinted.")
     hint_nll: float = Field(0.1, ge=0, description="λ: NLL on the teacher-forced hint tokens of hinted attempts that solved the task (hint_place=response), added to the student's loss.")
     hindsight_nll: float = Field(0.0, ge=0, description="λ_H: hindsight relabelling (HER, Andrychowicz et al. 2017): a failed attempt whose value v is a whole number in 1..curriculum.max_target (not the numbers' plain sum, not a held-out task) is trained by NLL, with weight λ_H, as a solution of the same numbers with target v. The verifier's work only, no tutor; 0 = off.")
     hindsight_hinted: bool = Field(True, description="Hinted attempts are relabelled too (their completion starts with the solver's revealed tokens, which the student did not write); False relabels unhinted attempts only.")

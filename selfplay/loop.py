@@ -152,6 +152,8 @@ class SelfPlay:
             if t["kind"] == "attempt" and t["hint_round"] > 0 and not cfg.trainer.train_on_hinted:
                 continue
             nll = t["forced"] > 0 and t["verdict"] == "solved"  # imitate a hint prefix that led to a solution
+            if t["kind"] == "attempt" and t["hint_round"] > 0 and not cfg.trainer.hinted_pg:
+                k = False  # no policy gradient on a hinted state: its hint tokens' NLL only (below)
             if k:
                 row = Row(t["prompt_ids"], t["completion_ids"], a, t["behaviour_logprobs"], t["forced"], nll)
             elif nll and cfg.trainer.hint_nll > 0:  # a flat group has no policy gradient: only its hint

@@ -153,3 +153,38 @@ def test_parting_iteration_by_hand():
     # the proxy tracking a rising truth never parts
     rising = [0.05 * i for i in its]
     assert parting_iteration(its, rising, rising, window=3) is None
+
+
+def test_hinted_pg_false_trains_hinted_attempts_by_their_hint_nll_only(base_path, tmp_path):
+    # One iteration with and without the policy gradient on hinted continuations, from the same
+    # seed (so the same episodes). Off, every row of a hinted attempt is a hint-only row: just the
+    # forced tokens, advantage 0, NLL on (from a hinted attempt that solved); the rows of unhinted
+    # attempts are the same either way.
+    from selfplay.loop import SelfPlay
+
+    def student_rows(hinted_pg: bool):
+        cfg = tiny_config(**{"graph.judge": False, "graph.mutate": False, "graph.hint_source": "schedule",
+                             "graph.schedule_start": 0.75, "trainer.policy_lag": 0, "trainer.train_tutor": False,
+                             "trainer.hinted_pg": hinted_pg, "curriculum.episodes_per_iter": 24})
+        (out := tmp_path / f"pg{hinted_pg}").mkdir()
+        sp = SelfPlay(cfg, out)
+        got, step = [], sp.trainer.step
+
+        def capture(role, rows, cap):
+            got.extend(rows if role == "student" else [])
+            return step(role, rows, cap)
+
+        sp.trainer.step = capture
+        sp.iteration(1)
+        sp.store.close()
+        sp.close()
+        return got
+
+    on, off = student_rows(True), student_rows(False)
+    hinted_on = [r for r in on if r.forced > 0]
+    hinted_off = [r for r in off if r.forced > 0]
+    assert any(len(r.completion_ids) > r.forced for r in hinted_on)  # a PG row on a hinted continuation
+    assert hinted_off and all(len(r.completion_ids) == r.forced and r.advantage == 0.0 and r.nll
+                              for r in hinted_off)
+    plain = lambda rows: [(r.prompt_ids, r.completion_ids, r.advantage) for r in rows if r.forced == 0]
+    assert plain(on) == plain(off)

@@ -37,8 +37,8 @@ sampled is re-tokenised. Every turn record carries its reward when the episode e
 are added by the loop, which sees the groups that span episodes (mutations of one parent).
 
 Rewards (roles/): attempt = verifier outcome; hint = hinted success rate discounted by the revealed
-share (or the hinted group's learnability, `rewards.hint_reward`); mutate = learnability of the child under the student's unhinted attempts; judge = agreement
-with the verifier.
+share (or the hinted group's learnability, `rewards.hint_reward`); mutate = learnability of the
+child under the student's unhinted attempts; judge = agreement with the verifier.
 """
 
 from __future__ import annotations

@@ -186,5 +186,7 @@ def test_hinted_pg_false_trains_hinted_attempts_by_their_hint_nll_only(base_path
     assert any(len(r.completion_ids) > r.forced for r in hinted_on)  # a PG row on a hinted continuation
     assert hinted_off and all(len(r.completion_ids) == r.forced and r.advantage == 0.0 and r.nll
                               for r in hinted_off)
-    plain = lambda rows: [(r.prompt_ids, r.completion_ids, r.advantage) for r in rows if r.forced == 0]
-    assert plain(on) == plain(off)
+    def unhinted(rows):
+        return [(r.prompt_ids, r.completion_ids, r.advantage) for r in rows if r.forced == 0]
+
+    assert unhinted(on) == unhinted(off)

@@ -2,7 +2,8 @@ import pytest
 
 from roles import TURNS
 from roles.student import attempt_reward, extract_answer
-from roles.tutor import child_is_valid, edit_size, hint_learnability, hint_reward, judge_reward, mutate_reward, parse_child, parse_verdict
+from roles.tutor import (child_is_valid, edit_size, hint_learnability, hint_reward, judge_reward, mutate_reward,
+                         parse_child, parse_verdict)
 from selfplay.domains.countdown import Difficulty, Task, verify
 
 TASK = Task([25, 3, 7], 21, id="p")

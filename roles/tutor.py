@@ -46,9 +46,8 @@ def hint_reward(hint: str, task: Task, success_rate: float, revealed: float, rev
 
 
 def hint_learnability(hint: str, task: Task, success_rate: float) -> float:
-    if verify(hint, task.numbers, task.target).solved or not 0.0 < success_rate < 1.0:
-        return 0.0
-    return 1.0 - success_rate
+    # the mutate turn's learnability rule on the hinted group; a full solution is not a hint
+    return mutate_reward(not verify(hint, task.numbers, task.target).solved, success_rate, 0.0, 0.0)
 
 
 def parse_child(text: str) -> Task | None:

@@ -200,11 +200,12 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
     async def verify_node(s: EpisodeState) -> dict:
         t, r = s["current"], s["hint_round"]
         turns, solved_round = [], False
+        relabel = hindsight and (r == 0 or cfg.trainer.hindsight_hinted)  # this round's failures
         for turn in s["turns"]:
             if turn["kind"] == "attempt" and turn["verdict"] is None:
                 v = verify(turn["parsed"] or "", t.numbers, t.target)
                 turn = {**turn, "verdict": v.reason, "reward": TURNS["attempt"].reward(v, rw.format_credit)}
-                if hindsight and v.reason == "wrong_value" and (r == 0 or cfg.trainer.hindsight_hinted):
+                if relabel and v.reason == "wrong_value":
                     turn["hindsight_ids"] = relabelled(t, v.value)
                 solved_round |= v.solved
             turns.append(turn)

@@ -149,10 +149,11 @@ class SelfPlay:
         hint_only = {}  # (group, hint) -> the one NLL row that stands for a flat group's solved attempts
         for t, a, k in zip(turns, adv, keep):
             t["advantage"] = a
-            if t["kind"] == "attempt" and t["hint_round"] > 0 and not cfg.trainer.train_on_hinted:
+            hinted = t["kind"] == "attempt" and t["hint_round"] > 0
+            if hinted and not cfg.trainer.train_on_hinted:
                 continue
             nll = t["forced"] > 0 and t["verdict"] == "solved"  # imitate a hint prefix that led to a solution
-            if t["kind"] == "attempt" and t["hint_round"] > 0 and not cfg.trainer.hinted_pg:
+            if hinted and not cfg.trainer.hinted_pg:
                 k = False  # no policy gradient on a hinted state: its hint tokens' NLL only (below)
             if k:
                 row = Row(t["prompt_ids"], t["completion_ids"], a, t["behaviour_logprobs"], t["forced"], nll)

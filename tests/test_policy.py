@@ -471,3 +471,29 @@ def test_top_k_scoring_keeps_the_nll_terms_finite(base_path):
     m = Trainer(pol, cfg).step("student", [Row(p[0], completion, 0.0, [0.0] * 4, 4, hindsight=True)], 24)
     assert "student/skipped_update" not in m and math.isfinite(m["student/loss"])
     assert not torch.equal(pol.adapter_vector("student"), before)  # the relabelled row trained
+
+
+def test_functional_lora_forward_with_grouped_query_attention_equals_peft():
+    # the flat-token training forward splits keys/values by their own head count: a random tiny
+    # Qwen2 with 4 query heads over 2 key/value heads (the embedded base has no GQA; SmolLM2 has),
+    # left-padded prompts shared by two rows, against peft's module forward on the full rows
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from selfplay.functional import lora_logits
+
+    torch.manual_seed(0)
+    m = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    pm = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:  # peft starts B at 0: the adapter would be the identity
+            torch.nn.init.normal_(p, std=0.1)
+    prompt_ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    prompt_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    index, comp = torch.tensor([0, 1, 0]), torch.tensor([[13, 14, 15], [16, 17, 18], [19, 20, 21]])
+    ours = lora_logits(pm, "default", prompt_ids, prompt_mask, index, comp).log_softmax(-1)  # (3, 3, V)
+    mask = torch.cat([prompt_mask[index], torch.ones(3, 3, dtype=torch.long)], 1)
+    theirs = pm(input_ids=torch.cat([prompt_ids[index], comp], 1), attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, 4:-1].log_softmax(-1)
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()

@@ -1,9 +1,9 @@
 """Plain-GRPO iteration speed (tutor off): 16 prompts x 8 samples by default, the TRL comparison
 setting. Prints seconds per iteration, samples/s and the split between rollout and update, plus a
 stage table with the full tutor on, and the full tutor's iteration against plain GRPO's in every
-round. `--trl` also times TRL's GRPOTrainer on the same model and
-batch (`pip install -e ".[bench]"`), alternating with ours `--rounds` times in the same process;
-each side's number is the median step after warm-up, and no ratio is printed without TRL.
+round. `--trl` also times TRL's GRPOTrainer on the same model, batch and reward (solved 1, a
+well-formed wrong answer `rewards.format_credit`; `pip install -e ".[bench]"`), alternating with
+ours `--rounds` times in the same process; each side's number is the median step after warm-up, and no ratio is printed without TRL.
 
     python bench/grpo_step.py [--threads 2] [--iters 20] [--trl] [--rounds 3]
 """
@@ -46,6 +46,7 @@ def trl_step(threads: int, iters: int, sets: list[str] = ()) -> float | None:
     from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
+    from roles.student import attempt_reward, extract_answer
     from selfplay.config import load_config
     from selfplay.domains.countdown import generate_tasks, verify
     from selfplay.policy import ensure_base
@@ -61,8 +62,9 @@ def trl_step(threads: int, iters: int, sets: list[str] = ()) -> float | None:
     ds = Dataset.from_list([{"prompt": f"S:{' '.join(map(str, t.numbers))}>{t.target}|", "numbers": t.numbers,
                              "target": t.target} for t in tasks])
 
-    def reward(completions, numbers, target, **_):
-        return [float(verify(c, n, t).solved) for c, n, t in zip(completions, numbers, target)]
+    def reward(completions, numbers, target, **_):  # ours: 1 solved, format credit for well-formed and wrong
+        return [attempt_reward(verify(extract_answer(c), n, t), cfg.rewards.format_credit)
+                for c, n, t in zip(completions, numbers, target)]
 
     args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=128, num_generations=8,
                       max_completion_length=cfg.generation.max_new_tokens, max_steps=iters + 1, logging_steps=1000,

@@ -52,10 +52,16 @@ def _mask(mask: torch.Tensor, T: int) -> torch.Tensor:
     return (causal & mask.bool()[:, None, :]) | torch.eye(T, dtype=torch.bool, device=mask.device)
 
 
+def _mlp(x, layer, eps, linear):
+    """The layer's second half: x + SwiGLU MLP of its normed x."""
+    h = _rms(x, layer.post_attention_layernorm.weight, eps)
+    mlp = layer.mlp
+    return x + linear(F.silu(linear(h, mlp.gate_proj)) * linear(h, mlp.up_proj), mlp.down_proj)
+
+
 def _block(x, layer, cos, sin, H, Hkv, D, eps, allowed, linear, kv=None):
-    """One decoder layer -> (x, (k, v)) with this call's own keys/values. `linear(h, module)` applies
-    a projection (with or without LoRA); `kv` (k_cache, v_cache, lo) writes the new keys/values at
-    slot lo and attends over slots [0, hi)."""
+    """One decoder layer. `linear(h, module)` applies a projection (with or without LoRA); `kv`
+    (k_cache, v_cache, lo) writes the new keys/values at slot lo and attends over slots [0, hi)."""
     B, T, _ = x.shape
     att = layer.self_attn
     h = _rms(x, layer.input_layernorm.weight, eps)
@@ -64,7 +70,6 @@ def _block(x, layer, cos, sin, H, Hkv, D, eps, allowed, linear, kv=None):
     v = linear(h, att.v_proj).view(B, T, Hkv, D).transpose(1, 2)
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
-    own = (k, v)
     if kv is not None:
         kc, vc, lo = kv
         kc[:, :, lo:lo + T], vc[:, :, lo:lo + T] = k, v
@@ -77,9 +82,7 @@ def _block(x, layer, cos, sin, H, Hkv, D, eps, allowed, linear, kv=None):
     else:
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=Hkv != H)  # (B, H, T, D)
     x = x + linear(a.transpose(1, 2).reshape(B, T, H * D), att.o_proj)
-    h = _rms(x, layer.post_attention_layernorm.weight, eps)
-    mlp = layer.mlp
-    return x + linear(F.silu(linear(h, mlp.gate_proj)) * linear(h, mlp.up_proj), mlp.down_proj), own
+    return _mlp(x, layer, eps, linear)
 
 
 def _shared_prompt_block(x, layer, cos, sin, H, Hkv, D, eps, n_p, shapes, index, allowed_p, allowed_c, linear):
@@ -87,8 +90,8 @@ def _shared_prompt_block(x, layer, cos, sin, H, Hkv, D, eps, n_p, shapes, index,
     completion tokens (`shapes` = ((U, P), (B, C)), n_p = U·P). Every per-token op (norms, the
     seven projections, rotary, MLP) runs once on all N tokens; only attention is split: the prompts
     attend causally among themselves, and completion row i attends to its prompt index[i]'s
-    keys/values, then causally to its own. One op per projection instead of one per half halves
-    the per-op dispatch that dominates this model's update."""
+    keys/values, then causally to its own. One op per projection instead of one per half: at this
+    model's size the update pays per op as much as per FLOP (elementwise ops, dispatch)."""
     (U, P), (B, C) = shapes
     att = layer.self_attn
     h = _rms(x, layer.input_layernorm.weight, eps)
@@ -111,9 +114,7 @@ def _shared_prompt_block(x, layer, cos, sin, H, Hkv, D, eps, n_p, shapes, index,
                                         enable_gqa=Hkv != H)  # (B, H, C, D)
     a = torch.cat([ap.transpose(1, 2).reshape(n_p, H * D), ac.transpose(1, 2).reshape(B * C, H * D)])  # (N, H·D)
     x = x + linear(a, att.o_proj)
-    h = _rms(x, layer.post_attention_layernorm.weight, eps)
-    mlp = layer.mlp
-    return x + linear(F.silu(linear(h, mlp.gate_proj)) * linear(h, mlp.up_proj), mlp.down_proj)
+    return _mlp(x, layer, eps, linear)
 
 
 def _heads(c) -> tuple[int, int, int]:
@@ -271,8 +272,8 @@ class Decoder:
         cos, sin = cos[:, None], sin[:, None]
         n = len(ids)
         for i, layer in enumerate(self.layers):
-            x, _ = _block(x, layer, cos, sin, self.H, self.Hkv, self.D, self.eps, allowed, _plain,
-                          (self.k[i][:n], self.v[i][:n], self.n))
+            x = _block(x, layer, cos, sin, self.H, self.Hkv, self.D, self.eps, allowed, _plain,
+                       (self.k[i][:n], self.v[i][:n], self.n))
         self.n += ids.shape[1]
         return F.linear(_rms(x[:, -1], self.norm, self.eps), self.head)  # (B, V)
 

@@ -3,7 +3,8 @@ setting. Prints seconds per iteration, samples/s and the split between rollout a
 stage table with the full tutor on, and the full tutor's iteration against plain GRPO's in every
 round. `--trl` also times TRL's GRPOTrainer on the same model, batch and reward (solved 1, a
 well-formed wrong answer `rewards.format_credit`; `pip install -e ".[bench]"`), alternating with
-ours `--rounds` times in the same process; each side's number is the median step after warm-up, and no ratio is printed without TRL.
+ours `--rounds` times in the same process; each side's number is the median step after warm-up,
+and no ratio is printed without TRL.
 
     python bench/grpo_step.py [--threads 2] [--iters 20] [--trl] [--rounds 3]
 """

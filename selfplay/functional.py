@@ -85,14 +85,15 @@ def _block(x, layer, cos, sin, H, Hkv, D, eps, allowed, linear, kv=None):
     return _mlp(x, layer, eps, linear)
 
 
-def _shared_prompt_block(x, layer, cos, sin, H, Hkv, D, eps, n_p, shapes, index, allowed_p, allowed_c, linear):
+def _shared_prompt_block(x, layer, cos, sin, H, Hkv, D, eps, shapes, index, allowed_p, allowed_c, linear):
     """One decoder layer over a flat (N, d) token matrix: the U·P prompt tokens, then the B·C
-    completion tokens (`shapes` = ((U, P), (B, C)), n_p = U·P). Every per-token op (norms, the
+    completion tokens (`shapes` = ((U, P), (B, C)). Every per-token op (norms, the
     seven projections, rotary, MLP) runs once on all N tokens; only attention is split: the prompts
     attend causally among themselves, and completion row i attends to its prompt index[i]'s
     keys/values, then causally to its own. One op per projection instead of one per half: at this
     model's size the update pays per op as much as per FLOP (elementwise ops, dispatch)."""
     (U, P), (B, C) = shapes
+    n_p = U * P
     att = layer.self_attn
     h = _rms(x, layer.input_layernorm.weight, eps)
     q = linear(h, att.q_proj).view(-1, H, D)  # (N, H, D)
@@ -240,7 +241,7 @@ def lora_logits(peft_model, adapter: str | None, prompt_ids: torch.Tensor, promp
     causal = torch.ones(C, C, dtype=torch.bool, device=ids.device).tril()
     allowed_c = torch.cat([prompt_mask.bool()[index][:, None, :].expand(B, C, P), causal.expand(B, C, C)], -1)
     for layer in inner.layers:
-        x = _shared_prompt_block(x, layer, cos, sin, H, Hkv, D, c.rms_norm_eps, n_p, ((U, P), (B, C)), index,
+        x = _shared_prompt_block(x, layer, cos, sin, H, Hkv, D, c.rms_norm_eps, ((U, P), (B, C)), index,
                                  allowed_p, allowed_c, linear)
     xp, xc = x[:n_p].view(U, P, -1), x[n_p:].view(B, C, -1)
     h = torch.cat([xp[:, -1].index_select(0, index)[:, None], xc[:, :-1]], 1)  # (B, C, d): the prompt's last position predicts token 0

@@ -180,13 +180,13 @@ def test_hinted_pg_false_trains_hinted_attempts_by_their_hint_nll_only(base_path
         sp.close()
         return got
 
+    def unhinted(rows):
+        return [(r.prompt_ids, r.completion_ids, r.advantage) for r in rows if r.forced == 0]
+
     on, off = student_rows(True), student_rows(False)
     hinted_on = [r for r in on if r.forced > 0]
     hinted_off = [r for r in off if r.forced > 0]
     assert any(len(r.completion_ids) > r.forced for r in hinted_on)  # a PG row on a hinted continuation
     assert hinted_off and all(len(r.completion_ids) == r.forced and r.advantage == 0.0 and r.nll
                               for r in hinted_off)
-    def unhinted(rows):
-        return [(r.prompt_ids, r.completion_ids, r.advantage) for r in rows if r.forced == 0]
-
     assert unhinted(on) == unhinted(off)

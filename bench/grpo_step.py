@@ -4,7 +4,9 @@ stage table with the full tutor on, and the full tutor's iteration against plain
 round. `--trl` also times TRL's GRPOTrainer on the same model, batch and reward (solved 1, a
 well-formed wrong answer `rewards.format_credit`; `pip install -e ".[bench]"`), alternating with
 ours `--rounds` times in the same process; each side's number is the median step after warm-up,
-and no ratio is printed without TRL.
+and no ratio is printed without TRL. Plain GRPO runs synchronous, with `policy_lag 1`, and with
+`policy_lag 1` plus `trainer.compile` (its one-time compile falls in the warm-up and is not counted:
+~50 s on a machine's first use, ~15 s from inductor's cache).
 
     python bench/grpo_step.py [--threads 2] [--iters 20] [--trl] [--rounds 3]
 """
@@ -26,8 +28,9 @@ def time_iterations(sets: list[str], threads: int, iters: int, extra: list[str] 
     cfg = load_config(None, [f"model.threads={threads}", "curriculum.episodes_per_iter=16", *extra, *sets])
     with tempfile.TemporaryDirectory() as d:
         sp = SelfPlay(cfg, Path(d))
-        sp.iteration(1)  # warm-up
-        ms = [sp.iteration(i) for i in range(2, iters + 2)]
+        sp.iteration(1)  # warm-up; with policy_lag 1 the first update (and trainer.compile's compile)
+        sp.iteration(2)  # is collected in the second iteration
+        ms = [sp.iteration(i) for i in range(3, iters + 3)]
         sp.store.close()
         sp.close()
     return cfg, ms
@@ -98,13 +101,17 @@ def main():
     setup(a.threads, a.set)  # builds the base if needed
     plain = ["graph.hint=false", "graph.mutate=false", "graph.judge=false", "trainer.train_tutor=false",
              "trainer.hindsight_nll=0"]  # plain GRPO: the default config relabels failures too
-    rows, ours, theirs, full, stages_ms = [], {0: [], 1: []}, [], {0: [], 1: []}, None
+    # synchronous; the update overlapping the next rollout in a learner process; and that with the
+    # trainer's layers compiled (the compile itself happens in the warm-up)
+    variants = {"policy_lag 0": ["trainer.policy_lag=0"], "policy_lag 1": ["trainer.policy_lag=1"],
+                "policy_lag 1, trainer.compile": ["trainer.policy_lag=1", "trainer.compile=true"]}
+    rows, ours, theirs, full, stages_ms = [], {v: [] for v in variants}, [], {0: [], 1: []}, None
     for r in range(a.rounds):  # alternate, so drift of the machine hits every side
-        for lag in (0, 1):  # synchronous; the update overlapping the next rollout in a learner process
-            _, ms = time_iterations(plain + [f"trainer.policy_lag={lag}"], a.threads, a.iters, a.set)
+        for name, sets in variants.items():
+            _, ms = time_iterations(plain + sets, a.threads, a.iters, a.set)
             s = statistics.median(m["time/iteration_s"] for m in ms)
-            ours[lag].append(s)
-            rows.append([f"selfplay plain GRPO, policy_lag {lag} (round {r + 1})", f"{s:.3f}", f"{128 / s:.0f}",
+            ours[name].append(s)
+            rows.append([f"selfplay plain GRPO, {name} (round {r + 1})", f"{s:.3f}", f"{128 / s:.0f}",
                          f"{avg(ms, 'time/rollout_s'):.3f}", f"{avg(ms, 'time/train_s'):.3f}",
                          f"{avg(ms, 'rollout/tokens_per_s'):,.0f}"])
         for lag in (0, 1):  # the full tutor (the default config) in the same round, at the same lags
@@ -115,9 +122,9 @@ def main():
         if trl_s:
             theirs.append(trl_s)
             rows.append([f"TRL GRPOTrainer (round {r + 1})", f"{trl_s:.3f}", f"{128 / trl_s:.0f}", "", "", ""])
-    ratio = (f"speed-up vs TRL (medians): policy_lag 0 {statistics.median(theirs) / statistics.median(ours[0]):.2f}x, "
-             f"policy_lag 1 {statistics.median(theirs) / statistics.median(ours[1]):.2f}x" if theirs
-             else "TRL not measured (pass --trl with the bench extra installed)")
+    ratio = ("speed-up vs TRL (medians): " + ", ".join(
+        f"{name} {statistics.median(theirs) / statistics.median(t):.2f}x" for name, t in ours.items()) if theirs
+        else "TRL not measured (pass --trl with the bench extra installed)")
     table(f"plain GRPO, 16 prompts x 8 samples, {a.threads} threads; {ratio}",
           ["trainer", "s/iteration", "samples/s", "rollout s", "update s (lag 1: wait)", "rollout tokens/s"], rows)
 
@@ -130,9 +137,12 @@ def main():
           ["stage", "seconds", "share"], [[n, f"{v:.3f}", f"{v / tot:.0%}"] for n, v in stages])
     table("trainer rows/s per role (full tutor)", ["role", "rows/s"],
           [[r, f"{avg(stages_ms, f'trainer/{r}_rows_per_s'):.0f}"] for r in ("student", "tutor")])
-    ratios = [[str(lag), " / ".join(f"{x:.3f}" for x in full[lag]), " / ".join(f"{x:.3f}" for x in ours[lag]),
-               " / ".join(f"{f / p:.2f}x" for f, p in zip(full[lag], ours[lag])),
-               f"{statistics.median(full[lag]) / statistics.median(ours[lag]):.2f}x"] for lag in (0, 1)]
+    ratios = []
+    for lag in (0, 1):
+        p = ours[f"policy_lag {lag}"]
+        ratios.append([str(lag), " / ".join(f"{x:.3f}" for x in full[lag]), " / ".join(f"{x:.3f}" for x in p),
+                       " / ".join(f"{f / x:.2f}x" for f, x in zip(full[lag], p)),
+                       f"{statistics.median(full[lag]) / statistics.median(p):.2f}x"])
     table("full tutor (the default config) vs plain GRPO, each round's medians", ["policy_lag", "full tutor s/iteration",
           "plain s/iteration", "ratio per round", "ratio of medians"], ratios)
 

@@ -226,7 +226,8 @@ class Policy:
             P = ids.shape[1] - b.C
             # distinct prompts (with their padding) run once; the G rows of a group share them
             uniq, index = torch.unique(torch.cat([ids[:, :P], mask[:, :P]], 1), dim=0, return_inverse=True)
-            logits = lora_logits(self.model, adapter, uniq[:, :P], uniq[:, P:], index, ids[:, P:]).float()  # (B, C, V)
+            logits = lora_logits(self.model, adapter, uniq[:, :P], uniq[:, P:], index, ids[:, P:],
+                                 self.cfg.trainer.compile).float()  # (B, C, V)
         else:  # peft, on the active adapter (`logprobs` set it) or with adapters off
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             with self.model.disable_adapter() if adapter is None else contextlib.nullcontext():

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from selfplay.policy import make_batch
@@ -473,22 +474,33 @@ def test_top_k_scoring_keeps_the_nll_terms_finite(base_path):
     assert not torch.equal(pol.adapter_vector("student"), before)  # the relabelled row trained
 
 
-def test_functional_lora_forward_with_grouped_query_attention_equals_peft():
-    # the flat-token training forward splits keys/values by their own head count: a random tiny
-    # Qwen2 with 4 query heads over 2 key/value heads (the embedded base has no GQA; SmolLM2 has),
-    # left-padded prompts shared by two rows, against peft's module forward on the full rows
+def _gqa_peft_model(target_modules):
+    """A random Qwen2 with 4 query heads over 2 key/value heads (the embedded base has no GQA;
+    SmolLM2 has) under a LoRA whose B is not zero (peft starts it at 0: the identity)."""
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from selfplay.functional import lora_logits
 
     torch.manual_seed(0)
     m = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
-    pm = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    pm = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules=target_modules))
     for n, p in pm.named_parameters():
-        if "lora_B" in n:  # peft starts B at 0: the adapter would be the identity
+        if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.1)
+    return pm
+
+
+def _lora_grads(pm, logprobs):
+    return torch.autograd.grad(logprobs[..., 5].sum(), [p for n, p in pm.named_parameters() if "lora_" in n])
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"]])
+def test_functional_lora_forward_with_grouped_query_attention_equals_peft(targets):
+    # left-padded prompts shared by two rows, against peft's module forward on the full rows; with
+    # LoRA on q and v only, the stacked q/k/v projection splits into one part per projection
+    from selfplay.functional import lora_logits
+
+    pm = _gqa_peft_model(targets)
     prompt_ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
     prompt_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     index, comp = torch.tensor([0, 1, 0]), torch.tensor([[13, 14, 15], [16, 17, 18], [19, 20, 21]])
@@ -497,3 +509,29 @@ def test_functional_lora_forward_with_grouped_query_attention_equals_peft():
     theirs = pm(input_ids=torch.cat([prompt_ids[index], comp], 1), attention_mask=mask,
                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, 4:-1].log_softmax(-1)
     assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    for a, c in zip(_lora_grads(pm, ours), _lora_grads(pm, theirs)):  # the shared prompt sums in another order
+        assert float((a - c).norm()) <= 1e-4 * float(c.norm()) + 1e-7
+
+
+def test_compiled_train_forward_equals_eager_and_compiles_once():
+    # trainer.compile: the layers under torch.compile give the eager forward's log-probs and LoRA
+    # gradients, and batches of other sizes (prompts, rows, lengths) reuse the one compiled graph
+    # (a dimension left static would recompile: ~50 s each)
+    from torch._dynamo.utils import counters
+
+    from selfplay.functional import lora_logits
+
+    pm = _gqa_peft_model("all-linear")
+    torch._dynamo.reset()
+    counters.clear()
+    batches = [(torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]]), torch.tensor([[0, 0, 1, 1, 1], [1] * 5]),
+                torch.tensor([0, 1, 0]), torch.tensor([[13, 14, 15], [16, 17, 18], [19, 20, 21]])),
+               (torch.tensor([[0, 5, 6], [8, 9, 10], [1, 2, 3]]), torch.tensor([[0, 1, 1], [1, 1, 1], [1, 1, 1]]),
+                torch.tensor([0, 1, 2, 2, 0]), torch.randint(1, 50, (5, 6)))]
+    for prompt_ids, prompt_mask, index, comp in batches:
+        eager = lora_logits(pm, "default", prompt_ids, prompt_mask, index, comp).log_softmax(-1)
+        compiled = lora_logits(pm, "default", prompt_ids, prompt_mask, index, comp, compile=True).log_softmax(-1)
+        assert torch.allclose(compiled, eager, atol=1e-5), (compiled - eager).abs().max()
+        for a, c in zip(_lora_grads(pm, compiled), _lora_grads(pm, eager)):
+            assert float((a - c).norm()) <= 1e-4 * float(c.norm()) + 1e-7
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

@@ -307,6 +307,21 @@ def lora_logits(peft_model, adapter: str | None, prompt_ids: torch.Tensor, promp
     go through each projection together as one flat (U·P + B·C, d) matrix (`_train_block`):
     the learner's update 0.130 → 0.115 s at one thread on 105 rows (medians, README Benchmarks).
     `compile`: the layers run through `compiled_train_block`."""
+    compile = compile and torch.is_grad_enabled()
+    if compile and 1 in (*prompt_ids.shape, *completion_ids.shape):  # dynamo specialises a size of 1, which would
+        # recompile (~15-50 s) the first time a micro-batch holds one prompt, row or token: pad it to 2
+        # (a repeated prompt or row, a masked pad before a prompt, a token after a completion; their
+        # outputs are dropped, so they get no gradient)
+        B0, C0 = completion_ids.shape
+        if len(prompt_ids) == 1:
+            prompt_ids, prompt_mask = prompt_ids.repeat(2, 1), prompt_mask.repeat(2, 1)
+        if prompt_ids.shape[1] == 1:
+            prompt_ids, prompt_mask = F.pad(prompt_ids, (1, 0)), F.pad(prompt_mask, (1, 0))
+        if B0 == 1:
+            index, completion_ids = index.repeat(2), completion_ids.repeat(2, 1)
+        if C0 == 1:
+            completion_ids = F.pad(completion_ids, (0, 1))
+        return lora_logits(peft_model, adapter, prompt_ids, prompt_mask, index, completion_ids, compile)[:B0, :C0]
     base = peft_model.base_model.model
     inner, c = base.model, base.config
     (U, P), (B, C) = prompt_ids.shape, completion_ids.shape
@@ -321,7 +336,7 @@ def lora_logits(peft_model, adapter: str | None, prompt_ids: torch.Tensor, promp
     causal = torch.ones(C, C, dtype=torch.bool, device=ids.device).tril()
     allowed_c = torch.cat([prompt_mask.bool()[index][:, None, :].expand(B, C, P), causal.expand(B, C, C)], -1)
     block = _train_block
-    if compile and torch.is_grad_enabled():
+    if compile:
         block = compiled_train_block()
         x.requires_grad_()  # as every later layer's input: one compiled graph, not a second for layer 0
         for t, dims in ((x, (0,)), (cos, (0,)), (sin, (0,)), (index, (0,)), (allowed_p, (0, 1, 2)), (allowed_c, (0, 1, 2))):

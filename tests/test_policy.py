@@ -515,8 +515,8 @@ def test_functional_lora_forward_with_grouped_query_attention_equals_peft(target
 
 def test_compiled_train_forward_equals_eager_and_compiles_once():
     # trainer.compile: the layers under torch.compile give the eager forward's log-probs and LoRA
-    # gradients, and batches of other sizes (prompts, rows, lengths) reuse the one compiled graph
-    # (a dimension left static would recompile: ~50 s each)
+    # gradients, and batches of other sizes (prompts, rows, lengths, one of each) reuse the one
+    # compiled graph (a dimension left static, or specialised at 1, would recompile: ~15-50 s each)
     from torch._dynamo.utils import counters
 
     from selfplay.functional import lora_logits
@@ -527,7 +527,8 @@ def test_compiled_train_forward_equals_eager_and_compiles_once():
     batches = [(torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]]), torch.tensor([[0, 0, 1, 1, 1], [1] * 5]),
                 torch.tensor([0, 1, 0]), torch.tensor([[13, 14, 15], [16, 17, 18], [19, 20, 21]])),
                (torch.tensor([[0, 5, 6], [8, 9, 10], [1, 2, 3]]), torch.tensor([[0, 1, 1], [1, 1, 1], [1, 1, 1]]),
-                torch.tensor([0, 1, 2, 2, 0]), torch.randint(1, 50, (5, 6)))]
+                torch.tensor([0, 1, 2, 2, 0]), torch.randint(1, 50, (5, 6))),
+               (torch.tensor([[3, 4]]), torch.tensor([[1, 1]]), torch.tensor([0]), torch.tensor([[7]]))]  # sizes of 1
     for prompt_ids, prompt_mask, index, comp in batches:
         eager = lora_logits(pm, "default", prompt_ids, prompt_mask, index, comp).log_softmax(-1)
         compiled = lora_logits(pm, "default", prompt_ids, prompt_mask, index, comp, compile=True).log_softmax(-1)

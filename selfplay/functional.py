@@ -58,10 +58,13 @@ def _mlp(x, norm, gate_up, down, eps, linear):
     return x + linear(F.silu(gate) * up, down)
 
 
-def _qkv(h, qkv, H, Hkv, D, linear):
-    """q, k, v of the normed h (..., d) from one stacked projection: (..., H, D), (..., Hkv, D) x 2."""
-    q, k, v = linear(h, qkv).split([H * D, Hkv * D, Hkv * D], -1)
-    return q.unflatten(-1, (H, D)), k.unflatten(-1, (Hkv, D)), v.unflatten(-1, (Hkv, D))
+def _qkv(h, qkv, cos, sin, H, Hkv, D, linear):
+    """q (..., H, D), k and v (..., Hkv, D) of the normed h (..., d) from one stacked projection, q and
+    k turned by the rotary embedding (cos, sin: (..., 1, D)) together: they are adjacent columns."""
+    qk, v = linear(h, qkv).split([(H + Hkv) * D, Hkv * D], -1)
+    qk = qk.unflatten(-1, (H + Hkv, D))
+    qk = qk * cos + _rotate_half(qk) * sin
+    return qk[..., :H, :], qk[..., H:, :], v.unflatten(-1, (Hkv, D))
 
 
 def _dense(h, wb):
@@ -74,9 +77,7 @@ def _block(x, w, cos, sin, H, Hkv, D, eps, allowed, kv=None):
     (k_cache, v_cache, lo) writes the new keys/values at slot lo and attends over slots [0, hi)."""
     B, T, _ = x.shape
     norm1, qkv, o, norm2, gate_up, down = w
-    q, k, v = (t.transpose(1, 2) for t in _qkv(_rms(x, norm1, eps), qkv, H, Hkv, D, _dense))
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
+    q, k, v = (t.transpose(1, 2) for t in _qkv(_rms(x, norm1, eps), qkv, cos, sin, H, Hkv, D, _dense))  # (B, H or Hkv, T, D)
     if kv is not None:
         kc, vc, lo = kv
         kc[:, :, lo:lo + T], vc[:, :, lo:lo + T] = k, v
@@ -105,9 +106,7 @@ def _train_block(x, w, cos, sin, index, allowed_p, allowed_c, heads, eps):
     H, Hkv, D = heads
     n_p = U * P
     norm1, qkv, o, norm2, gate_up, down = w
-    q, k, v = _qkv(_rms(x, norm1, eps), qkv, H, Hkv, D, _project)  # (N, H or Hkv, D)
-    q = q * cos + _rotate_half(q) * sin  # cos, sin: (N, 1, D)
-    k = k * cos + _rotate_half(k) * sin
+    q, k, v = _qkv(_rms(x, norm1, eps), qkv, cos, sin, H, Hkv, D, _project)  # (N, H or Hkv, D); cos, sin: (N, 1, D)
 
     def split(t, n, rows, T):  # (rows·T, n, D) -> (rows, n, T, D)
         return t.reshape(rows, T, n, D).transpose(1, 2)
@@ -373,7 +372,7 @@ class Decoder:
         """The first len(ids) rows of the cache take the new tokens."""
         x = F.embedding(ids, self.embed)  # (B, T, d)
         cos, sin = self.rotary(x, pos)  # (B, T, D)
-        cos, sin = cos[:, None], sin[:, None]
+        cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, D): broadcast over heads
         n = len(ids)
         for i, layer in enumerate(self.layers):
             x = _block(x, layer, cos, sin, self.H, self.Hkv, self.D, self.eps, allowed,

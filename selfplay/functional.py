@@ -3,6 +3,9 @@ model. `Decoder` samples with a preallocated KV cache (the sampler's merged copi
 `lora_logits` is the trainer's forward through one peft adapter, with gradients into the LoRA
 weights: (W + s·B A) x with the merged weight, as the sampler computes it, and the LoRA gradients
 by hand (`_LoraLinear`); each distinct prompt of a batch runs once and its rows share its keys/values.
+Both take a layer as plain tensors (`_layer_weights`, `_lora_layer_weights`), with the projections
+of one input (q, k, v; gate, up) stacked into one matmul; the trainer's layer (`_train_block`)
+touches no module, so `trainer.compile` can run it under torch.compile as one graph.
 
 Why: at the tiny model's size, transformers' per-call machinery (mask construction, cache
 objects, output classes, module hooks) costs about 4x the matmuls of a decode step (measured
@@ -19,6 +22,8 @@ next layer's keys); real positions never see padding. Used by the sampler for su
 """
 
 from __future__ import annotations
+
+from itertools import product
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +82,8 @@ def _block(x, w, cos, sin, H, Hkv, D, eps, allowed, kv=None):
     (k_cache, v_cache, lo) writes the new keys/values at slot lo and attends over slots [0, hi)."""
     B, T, _ = x.shape
     norm1, qkv, o, norm2, gate_up, down = w
-    q, k, v = (t.transpose(1, 2) for t in _qkv(_rms(x, norm1, eps), qkv, cos, sin, H, Hkv, D, _dense))  # (B, H or Hkv, T, D)
+    q, k, v = _qkv(_rms(x, norm1, eps), qkv, cos, sin, H, Hkv, D, _dense)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, D)
     if kv is not None:
         kc, vc, lo = kv
         kc[:, :, lo:lo + T], vc[:, :, lo:lo + T] = k, v
@@ -96,17 +102,18 @@ def _block(x, w, cos, sin, H, Hkv, D, eps, allowed, kv=None):
 def _train_block(x, w, cos, sin, index, allowed_p, allowed_c, heads, eps):
     """One decoder layer of the trainer's forward over a flat (N, d) token matrix: the U·P prompt
     tokens, then the B·C completion tokens (allowed_p (U, P, P) and allowed_c (B, C, P + C) are
-    their attention masks, `heads` = (H, Hkv, D)); w = `_lora_layer_weights`. Every per-token op (norms, the seven projections, rotary, MLP) runs
-    once on all N tokens; only attention is split: the prompts attend causally among themselves,
-    and completion row i attends to its prompt index[i]'s keys/values, then causally to its own.
-    One op per projection instead of one per half: at this model's size the update pays per op as
-    much as per FLOP (elementwise ops, dispatch). A function of tensors only (no modules), so
-    `torch.compile` traces one layer and reuses it for every layer (`compiled_train_block`)."""
+    their attention masks, `heads` = (H, Hkv, D)); w = `_lora_layer_weights`. Every per-token op
+    (norms, the projections, rotary, MLP) runs once on all N tokens; only attention is split: the
+    prompts attend causally among themselves, and completion row i attends to its prompt
+    index[i]'s keys/values, then causally to its own. One op per projection instead of one per
+    half: at this model's size the update pays per op as much as per FLOP (elementwise ops,
+    dispatch). A function of tensors only (no modules), so `torch.compile` traces one layer and
+    reuses it for every layer (`compiled_train_block`)."""
     (U, P), (B, C) = allowed_p.shape[:2], allowed_c.shape[:2]
     H, Hkv, D = heads
     n_p = U * P
     norm1, qkv, o, norm2, gate_up, down = w
-    q, k, v = _qkv(_rms(x, norm1, eps), qkv, cos, sin, H, Hkv, D, _project)  # (N, H or Hkv, D); cos, sin: (N, 1, D)
+    q, k, v = _qkv(_rms(x, norm1, eps), qkv, cos, sin, H, Hkv, D, _project)  # (N, H or Hkv, D); cos: (N, 1, D)
 
     def split(t, n, rows, T):  # (rows·T, n, D) -> (rows, n, T, D)
         return t.reshape(rows, T, n, D).transpose(1, 2)
@@ -129,9 +136,10 @@ _compiled = None
 
 def compiled_train_block():
     """`_train_block` under torch.compile (inductor; the token, row and length dimensions marked
-    dynamic by `lora_logits`, so batches of any size share one graph), built on first use. Fuses the elementwise ops of the forward and of the backward
-    (norms, rotary, SwiGLU, residuals) into C++ loops: the update ~28% faster at one thread on this
-    project's CPU, after a one-time compile of ~30-60 s (`trainer.compile`)."""
+    dynamic by `lora_logits`, so batches of any size share one graph), built on first use. Fuses
+    the elementwise ops of the forward and of the backward (norms, rotary, SwiGLU, residuals) into
+    C++ loops: the update 1.3-1.6x faster at one thread on this project's CPU, after a one-time
+    compile of ~50 s (~15 s from inductor's on-disk cache) (`trainer.compile`)."""
     global _compiled
     if _compiled is None:
         _compiled = torch.compile(_train_block)
@@ -338,9 +346,10 @@ def lora_logits(peft_model, adapter: str | None, prompt_ids: torch.Tensor, promp
     if compile:
         block = compiled_train_block()
         x.requires_grad_()  # as every later layer's input: one compiled graph, not a second for layer 0
-        for t, dims in ((x, (0,)), (cos, (0,)), (sin, (0,)), (index, (0,)), (allowed_p, (0, 1, 2)), (allowed_c, (0, 1, 2))):
-            for d in dims:  # batch sizes and lengths vary per call; weights, heads and eps are constants
-                torch._dynamo.maybe_mark_dynamic(t, d)
+        for t in (x, cos, sin, index):  # (N, ...), (B,): token and row counts vary per call ...
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        for t, d in product((allowed_p, allowed_c), range(3)):  # ... and so do prompts and lengths; weights,
+            torch._dynamo.maybe_mark_dynamic(t, d)  # heads and eps are constants
     for layer in inner.layers:
         x = block(x, _lora_layer_weights(layer, adapter), cos, sin, index, allowed_p, allowed_c, _heads(c),
                   c.rms_norm_eps)

@@ -536,3 +536,16 @@ def test_compiled_train_forward_equals_eager_and_compiles_once():
         for a, c in zip(_lora_grads(pm, compiled), _lora_grads(pm, eager)):
             assert float((a - c).norm()) <= 1e-4 * float(c.norm()) + 1e-7
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_trainer_compile_without_a_cxx_compiler_is_a_one_line_error(policy, monkeypatch):
+    # inductor builds C++ kernels: with no compiler on PATH the run stops at start with what to do,
+    # not with inductor's traceback on the first update
+    import selfplay.trainer as trainer_mod
+    from selfplay.trainer import Trainer
+
+    monkeypatch.setattr(trainer_mod.shutil, "which", lambda name: None)
+    cfg = policy.cfg.model_copy(update={"trainer": policy.cfg.trainer.model_copy(update={"compile": True})})
+    with pytest.raises(RuntimeError, match="needs a C.. compiler.*trainer.compile=false"):
+        Trainer(policy, cfg)
+    Trainer(policy, policy.cfg)  # compile off: no compiler needed

@@ -15,6 +15,7 @@ The pool is plain data (JSON-able) so it is checkpointed and restored exactly.
 
 from __future__ import annotations
 
+import heapq
 import random
 from dataclasses import dataclass
 
@@ -91,6 +92,7 @@ class Curriculum:
         """The episodes of one iteration, in a deterministic order."""
         c = self.cfg
         n = c.episodes_per_iter
+        self._evict()
         n_replay = round(n * c.replay_fraction) if self.pool else 0
         n_mut = round(n * (1 - c.fresh_fraction - c.replay_fraction)) if self.pool else 0
         n_mut -= n_mut % c.mutate_group
@@ -122,10 +124,19 @@ class Curriculum:
         e["attempts"] += attempts
         e["solved"] += solved
         e["last"] = iteration
-        if len(self.pool) > self.cfg.pool_size:  # evict the least learnable, stalest first
-            worst = min(self.pool, key=lambda i: (self._solve_rate(self.pool[i]) * (1 - self._solve_rate(self.pool[i])),
-                                                  self.pool[i]["last"]))
-            del self.pool[worst]
+
+    def _evict(self) -> None:
+        """Drop the tasks beyond `pool_size`, the least learnable and stalest first: once per
+        iteration (in `next`), not a scan of the pool per update (16 scans of a full pool cost
+        ~30 ms an iteration, a quarter of a plain-GRPO iteration)."""
+        extra = len(self.pool) - self.cfg.pool_size
+        if extra > 0:
+            def key(i):
+                p = self._solve_rate(self.pool[i])
+                return p * (1 - p), self.pool[i]["last"]
+
+            for i in heapq.nsmallest(extra, self.pool, key=key):
+                del self.pool[i]
 
     # ---------------------------------------------------------------- checkpoint
 

@@ -60,3 +60,16 @@ def test_mutations_are_never_mutated_again():
     c.update(child, 100, 50, 1)  # the most learnable, but a mutation
     assert {t.id for t in c._pick(200, 2, parents=True)} == {"f"}
     assert "f/c" in {t.id for t in c._pick(200, 2)}  # replay still plays it
+
+
+def test_a_full_pool_evicts_the_least_learnable_then_stalest_before_the_next_iteration():
+    c = _cur(**{"curriculum.pool_size": 4})
+    # learnability p(1-p) with p = (solved + 1) / (attempts + 2), 8 attempts each:
+    #   c: p = 1/10 -> 0.09 (last played at iteration 2)    b: p = 9/10 -> 0.09 (iteration 1)
+    #   a, e: p = 5/10 -> 0.25    d: p = 3/10 -> 0.21
+    for tid, solved, it in (("c", 0, 2), ("b", 8, 1), ("a", 4, 2), ("d", 2, 2), ("e", 4, 2)):
+        c.update(Task([1, 2, 3], 6, id=tid), 8, solved, it)
+    assert len(c.pool) == 5  # updates never scan the pool; the next iteration trims it
+    c.next(3)
+    # one over: b and c tie as least learnable; b, played longer ago, goes
+    assert sorted(c.pool) == ["a", "c", "d", "e"]

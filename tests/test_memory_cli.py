@@ -28,6 +28,34 @@ def run_dir(tmp_path_factory, base_path):
     return out
 
 
+def test_store_accumulates_a_replayed_tasks_counts_and_rewrites_an_iterations_metrics(tmp_path):
+    from memory.query import open_readonly, search
+    from memory.store import EpisodeStore
+
+    store = EpisodeStore(tmp_path / "memory.db")
+    fields = ("episode_id", "iteration", "role", "kind", "adapter", "adapter_version", "group_id", "hint_round", "hint",
+              "prompt", "completion", "parsed", "verdict", "reward", "advantage", "prompt_tokens", "completion_tokens", "judge")
+
+    def write(it, task_id, attempts, solved, value):
+        task = {"id": task_id, "key": task_id, "numbers": "[1, 2]", "target": 3, "parent": None, "source": "fresh",
+                "first_iteration": it, "attempts": attempts, "solved": solved}
+        ep = {"id": f"{it}.{task_id}", "iteration": it, "task_id": task_id, "parent_task_id": None, "mutated": 0, "solved": 1,
+              "hint_rounds": 0, "n_turns": 300}
+        turns = [dict(zip(fields, (f"{it}.{task_id}", it, "student", "attempt", "student", it, "g", 0, None, f"reach 3 #{k}",
+                                    f"1+2 zebra{it}", "3", "solved", 1.0, 0.5, 4, 3, None))) for k in range(300)]
+        store.write_iteration(it, [task], [ep], turns, {"student/solve_rate": value})
+
+    write(1, "t", 8, 2, 0.25)
+    write(2, "t", 8, 3, 0.5)  # the same task replayed: its counts add up (8 + 8, 2 + 3)
+    write(2, "u", 8, 0, 0.75)  # iteration 2's metrics written again: replaced, not duplicated
+    store.close()
+    db = open_readonly(tmp_path / "memory.db")
+    assert db.execute("select attempts, solved from tasks where id = 't'").fetchone() == (16, 5)
+    assert db.execute("select value from metrics where iteration = 2").fetchall() == [(0.75,)]
+    assert db.execute("select count(*) from turns").fetchone() == (900,)  # 300 turns: two chunks of 250 and 50
+    assert len(search(db, "zebra1", limit=1000)) == 300  # the full-text index follows the inserts
+
+
 def test_write_through_sql_is_refused_and_store_unchanged(run_dir):
     before = cli("memory", "sql", "--run", run_dir, "select count(*) from episodes").stdout.strip()
     r = cli("memory", "sql", "--run", run_dir, "DELETE FROM episodes")

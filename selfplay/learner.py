@@ -135,6 +135,7 @@ def serve(cfg: RunConfig, base_path: str, threads: int, conn) -> None:
     torch.set_num_threads(threads)
     policy = Policy(cfg, Path(base_path))
     trainer = Trainer(policy, cfg)
+    warm = not cfg.trainer.compile
     while True:
         try:
             kind, msg = conn.recv()
@@ -160,5 +161,8 @@ def serve(cfg: RunConfig, base_path: str, threads: int, conn) -> None:
             else:
                 raise ValueError(f"unknown request {kind!r}")
             conn.send((True, out))
+            if not warm:  # after the first reply (the main process's `load`), while it evaluates the base
+                warm = True
+                trainer.warm_up("student")
         except Exception as e:  # noqa: BLE001 - every failure goes back to the main process
             conn.send((False, f"{type(e).__name__}: {e} ({traceback.extract_tb(e.__traceback__)[-1].name})"))

@@ -151,6 +151,20 @@ class Trainer:
         out[f"trainer/{role}_seconds"] = dt
         return out
 
+    def warm_up(self, role: str) -> None:
+        """Compile `role`'s training forward and backward (`trainer.compile`) on a two-row batch whose
+        gradients are dropped: no optimizer step, the adapter unchanged. The learner runs it while
+        the main process evaluates the base and samples the first rollouts, instead of inside the
+        first update."""
+        pol = self.policy
+        b = make_batch([[pol.eos_id, pol.eos_id, pol.eos_id], [pol.eos_id, pol.eos_id]],
+                       [[pol.eos_id, pol.eos_id], [pol.eos_id, pol.eos_id, pol.eos_id]], pol.pad_id)
+        pol.train_mode(role, True)
+        pol.train_logprobs(b, role)[0].sum().backward()
+        pol.train_mode(role, False)
+        for p in pol.adapter_params(role):
+            p.grad = None
+
     def state(self) -> dict:
         return {"opt": {r: o.state_dict() for r, o in self.opt.items()}, "versions": dict(self.versions),
                 "skipped": self.skipped}

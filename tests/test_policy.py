@@ -549,3 +549,32 @@ def test_trainer_compile_without_a_cxx_compiler_is_a_one_line_error(policy, monk
     with pytest.raises(RuntimeError, match="needs a C.. compiler.*trainer.compile=false"):
         Trainer(policy, cfg)
     Trainer(policy, policy.cfg)  # compile off: no compiler needed
+
+
+def test_trainer_warm_up_compiles_the_update_and_changes_nothing(policy):
+    # the learner compiles before its first update (while the main process evaluates the base): the
+    # warm-up's graph must be the one real updates use, and it must not touch the adapter or optimizer
+    from torch._dynamo.utils import counters
+
+    from selfplay.trainer import Row, Trainer
+
+    cfg = policy.cfg.model_copy(update={"trainer": policy.cfg.trainer.model_copy(update={"compile": True})})
+    policy.cfg, saved_cfg = cfg, policy.cfg
+    before = policy.adapter_vector("student").clone()
+    try:
+        trainer = Trainer(policy, cfg)
+        torch._dynamo.reset()
+        counters.clear()
+        trainer.warm_up("student")
+        assert counters["stats"]["unique_graphs"] == 1
+        assert torch.equal(policy.adapter_vector("student"), before)
+        assert all(p.grad is None for p in policy.adapter_params("student")) and not trainer.opt["student"].state
+        p = policy.encode("reach 7 from 3 4")
+        rows = [Row(p, policy.tokens("3+4=7") + [policy.eos_id], 1.0), Row(p, policy.tokens("3*4"), -1.0),
+                Row(policy.encode("reach 2 from 1 1"), policy.tokens("1+1=2"), 0.5)]
+        trainer.step("student", rows, 8)
+        assert counters["stats"]["unique_graphs"] == 1  # the update reused the warm-up's graph
+        assert not torch.equal(policy.adapter_vector("student"), before)
+    finally:
+        policy.cfg = saved_cfg
+        policy.set_adapter_vector("student", before)

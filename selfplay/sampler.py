@@ -105,7 +105,8 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int | list[int], 
             keep = (~done).nonzero().squeeze(1)
             rows, tok, next_pos, caps, done, mask = (x[keep] for x in (rows, tok, next_pos, caps, done, mask))
             dec.keep(keep)
-        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], 1)
+        if not functional:  # the model's attention mask (the functional decoder tracks its own)
+            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], 1)
         logits = forward(tok[:, None], next_pos, mask)
         next_pos = next_pos + 1
     out_ids, out_lp = out_ids[:, :n].tolist(), out_lp[:, :n].tolist()

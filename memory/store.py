@@ -114,7 +114,7 @@ class EpisodeStore:
         types, and executemany's per-row steps and the tasks' select-then-update took 9.4 ms where
         this takes 2.5 (medians, a plain-GRPO run). `upsert`: an `on conflict ...` clause."""
         cols = list(rows[0]) if rows else []
-        for i in range(0, len(rows), 250):  # 250 x 19 columns stays far below SQLite's 32,766 variables
+        for i in range(0, len(rows), 250):  # 250 rows x 18 columns stays far below SQLite's 32,766 variables
             chunk = rows[i: i + 250]
             values = ", ".join([f"({', '.join('?' * len(cols))})"] * len(chunk))
             self.db.conn.execute(f"insert into [{table}] ({', '.join(cols)}) values {values} {upsert}",

@@ -4,9 +4,11 @@ stage table with the full tutor on, and the full tutor's iteration against plain
 round. `--trl` also times TRL's GRPOTrainer on the same model, batch and reward (solved 1, a
 well-formed wrong answer `rewards.format_credit`; `pip install -e ".[bench]"`), alternating with
 ours `--rounds` times in the same process; each side's number is the median step after warm-up,
-and no ratio is printed without TRL. Plain GRPO runs synchronous, with `policy_lag 1`, and with
-`policy_lag 1` plus `trainer.compile` (its one-time compile falls in the warm-up and is not counted:
-~50 s on a machine's first use, ~15 s from inductor's cache).
+and no ratio is printed without TRL. Each variant starts with the curriculum's task pool full, as
+a run is after its first 125 iterations (the 20 timed ones would not get there, and the pool's
+upkeep once cost ~30 ms an iteration that only real runs paid). Plain GRPO runs synchronous, with
+`policy_lag 1`, and with `policy_lag 1` plus `trainer.compile` (its one-time compile falls in the
+warm-up and is not counted: ~20-50 s on a machine's first use, 5-15 s from inductor's cache).
 
     python bench/grpo_step.py [--threads 2] [--iters 20] [--trl] [--rounds 3]
 """
@@ -28,6 +30,8 @@ def time_iterations(sets: list[str], threads: int, iters: int, extra: list[str] 
     cfg = load_config(None, [f"model.threads={threads}", "curriculum.episodes_per_iter=16", *extra, *sets])
     with tempfile.TemporaryDirectory() as d:
         sp = SelfPlay(cfg, Path(d))
+        for _ in range(cfg.curriculum.pool_size):  # a long run's steady state: the task pool full (2,000
+            sp.curriculum.update(sp.curriculum.fresh(), 8, 0, 0)  # tasks after 125 iterations), so its upkeep is timed
         sp.iteration(1)  # warm-up; with policy_lag 1 the first update (and trainer.compile's compile)
         sp.iteration(2)  # is collected in the second iteration
         ms = [sp.iteration(i) for i in range(3, iters + 3)]

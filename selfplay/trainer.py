@@ -156,14 +156,12 @@ class Trainer:
         gradients are dropped: no optimizer step, the adapter unchanged. The learner runs it while
         the main process evaluates the base and samples the first rollouts, instead of inside the
         first update."""
-        pol = self.policy
-        b = make_batch([[pol.eos_id, pol.eos_id, pol.eos_id], [pol.eos_id, pol.eos_id]],
-                       [[pol.eos_id, pol.eos_id], [pol.eos_id, pol.eos_id, pol.eos_id]], pol.pad_id)
+        pol, e = self.policy, self.policy.eos_id
+        b = make_batch([[e] * 3, [e] * 2], [[e] * 2, [e] * 3], pol.pad_id)  # no size of 1: the updates' graph
         pol.train_mode(role, True)
         pol.train_logprobs(b, role)[0].sum().backward()
         pol.train_mode(role, False)
-        for p in pol.adapter_params(role):
-            p.grad = None
+        self.opt[role].zero_grad(set_to_none=True)
 
     def state(self) -> dict:
         return {"opt": {r: o.state_dict() for r, o in self.opt.items()}, "versions": dict(self.versions),

@@ -7,8 +7,9 @@ ours `--rounds` times in the same process; each side's number is the median step
 and no ratio is printed without TRL. Each variant starts with the curriculum's task pool full, as
 a run is after its first 125 iterations (the 20 timed ones would not get there, and the pool's
 upkeep once cost ~30 ms an iteration that only real runs paid). Plain GRPO runs synchronous, with
-`policy_lag 1`, and with `policy_lag 1` plus `trainer.compile` (its one-time compile falls in the
-warm-up and is not counted: ~20-50 s on a machine's first use, 5-15 s from inductor's cache).
+`policy_lag 1`, and with `policy_lag 1` plus `trainer.compile` and `generation.compile`, as
+configs/plain-grpo.yaml runs it (the one-time compiles fall in the warm-up and are not counted:
+~20-50 s each on a machine's first use, 5-15 s from inductor's cache).
 
     python bench/grpo_step.py [--threads 2] [--iters 20] [--trl] [--rounds 3]
 """
@@ -106,9 +107,10 @@ def main():
     plain = ["graph.hint=false", "graph.mutate=false", "graph.judge=false", "trainer.train_tutor=false",
              "trainer.hindsight_nll=0"]  # plain GRPO: the default config relabels failures too
     # synchronous; the update overlapping the next rollout in a learner process; and that with the
-    # trainer's layers compiled (the compile itself happens in the warm-up)
+    # trainer's layers and the sampler's decode steps compiled, as configs/plain-grpo.yaml runs it
+    # (the compiles themselves happen in the warm-up)
     variants = {"policy_lag 0": ["trainer.policy_lag=0"], "policy_lag 1": ["trainer.policy_lag=1"],
-                "policy_lag 1, trainer.compile": ["trainer.policy_lag=1", "trainer.compile=true"]}
+                "policy_lag 1, compiled": ["trainer.policy_lag=1", "trainer.compile=true", "generation.compile=true"]}
     rows, ours, theirs, full, stages_ms = [], {v: [] for v in variants}, [], {0: [], 1: []}, None
     for r in range(a.rounds):  # alternate, so drift of the machine hits every side
         for name, sets in variants.items():

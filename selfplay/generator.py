@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from selfplay.functional import require_compiler
 from selfplay.sampler import Completion, sample
 
 
@@ -43,9 +44,12 @@ class TorchBackend:
     through the peft model; merged and unmerged log-probs agree to float rounding.
     """
 
-    def __init__(self, policy, temperature: float, top_k: int, seed: int):
+    def __init__(self, policy, temperature: float, top_k: int, seed: int, compile: bool = False):
         self.policy = policy
         self.temperature, self.top_k = temperature, top_k
+        if compile:
+            require_compiler(policy.cfg.model.device, "generation.compile")
+        self.compile = compile  # decode steps under torch.compile (generation.compile)
         self.rng = torch.Generator(device=policy.cfg.model.device).manual_seed(seed)
         self.models: dict[str, torch.nn.Module] = {}
         self.merged: dict[str, torch.Tensor] = {}  # adapter -> the LoRA weights its copy holds (flat)
@@ -99,7 +103,7 @@ class TorchBackend:
             res = sample(self.models[name], [prompts[i] for i in idx], max_new_tokens=[caps[i] for i in idx],
                          eos_id=pol.eos_id, pad_id=pol.pad_id,
                          temperature=self.temperature if temperature is None else temperature,
-                         top_k=self.top_k, generator=self.rng)
+                         top_k=self.top_k, generator=self.rng, compile=self.compile)
             for i, c in zip(idx, res):
                 out[i] = c
         return out

@@ -70,7 +70,8 @@ def make_backend(cfg: RunConfig, policy: Policy, workdir: Path | None = None, ra
         from selfplay.vllm_server import VLLMServerBackend
 
         return VLLMServerBackend(policy, cfg, workdir)
-    return TorchBackend(policy, cfg.generation.temperature, cfg.generation.top_k, cfg.seed + 1_000_003 * rank)
+    return TorchBackend(policy, cfg.generation.temperature, cfg.generation.top_k, cfg.seed + 1_000_003 * rank,
+                        cfg.generation.compile)
 
 
 def prepare_dir(out: Path, cfg: RunConfig | None, resume: bool) -> RunConfig:

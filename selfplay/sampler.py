@@ -6,6 +6,7 @@ with a preallocated KV cache: transformers' per-call machinery cost 4x a tiny mo
 anything else on the model with a `DynamicCache`. Finished rows decode pad tokens until every row
 is done or the token cap is hit; on the functional decoder, once half the live rows are done they
 leave the batch (cache rows too), so one long answer does not drag 128 rows through every step.
+With `compile` (`generation.compile`) its decode steps run under torch.compile (`compiled_decode`).
 Rows may use different adapters: peft's `adapter_names` (one name per row, `"__base__"` = adapters
 off) selects the LoRA weights per row inside one forward.
 
@@ -46,7 +47,7 @@ def draw(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], *, max_new_tokens: int | list[int], eos_id: int, pad_id: int,
            temperature: float = 1.0, top_k: int = 0, adapter_names: list[str] | None = None,
-           generator: torch.Generator | None = None) -> list[Completion]:
+           generator: torch.Generator | None = None, compile: bool = False) -> list[Completion]:
     device = next(model.parameters()).device
     B, P = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((B, P), pad_id, dtype=torch.long)
@@ -61,7 +62,7 @@ def sample(model, prompts: list[list[int]], *, max_new_tokens: int | list[int], 
     max_new_tokens = int(caps.max())
     functional = adapter_names is None and supports(model)
     if functional:  # the functional decoder: same logits, no per-call overhead
-        dec = Decoder(model, B, P + max_new_tokens)
+        dec = Decoder(model, B, P + max_new_tokens, compile)  # compile: the decode steps (generation.compile)
         logits = dec.prefill(ids, mask, pos)  # (B, V)
 
         def forward(tok, next_pos, mask):

@@ -538,17 +538,47 @@ def test_compiled_train_forward_equals_eager_and_compiles_once():
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
-def test_trainer_compile_without_a_cxx_compiler_is_a_one_line_error(policy, monkeypatch):
+def test_compile_without_a_cxx_compiler_is_a_one_line_error(policy, monkeypatch):
     # inductor builds C++ kernels: with no compiler on PATH the run stops at start with what to do,
-    # not with inductor's traceback on the first update
-    import selfplay.trainer as trainer_mod
+    # not with inductor's traceback on the first update or decode step
+    import selfplay.functional as functional
+    from selfplay.generator import TorchBackend
     from selfplay.trainer import Trainer
 
-    monkeypatch.setattr(trainer_mod.shutil, "which", lambda name: None)
+    monkeypatch.setattr(functional.shutil, "which", lambda name: None)
     cfg = policy.cfg.model_copy(update={"trainer": policy.cfg.trainer.model_copy(update={"compile": True})})
     with pytest.raises(RuntimeError, match="needs a C.. compiler.*trainer.compile=false"):
         Trainer(policy, cfg)
+    with pytest.raises(RuntimeError, match="needs a C.. compiler.*generation.compile=false"):
+        TorchBackend(policy, 1.0, 0, seed=0, compile=True)
     Trainer(policy, policy.cfg)  # compile off: no compiler needed
+
+
+def test_compiled_decode_samples_the_eager_tokens_in_one_graph(policy):
+    # generation.compile: the decode steps under torch.compile draw what the eager decoder draws
+    # (the same RNG stream, log-probs equal to rounding), through batches that shrink as rows finish,
+    # other batch sizes, prompt lengths and caps, sampled and greedy: all of it one compiled graph
+    # (a size specialised at its first value would recompile, ~8-25 s each)
+    from torch._dynamo.utils import counters
+
+    from selfplay.generator import TorchBackend
+
+    _perturb(policy, "student", 9)
+    prompts = _prompts(policy) * 2
+    eager, compiled = TorchBackend(policy, 1.0, 0, seed=0), TorchBackend(policy, 1.0, 0, seed=0, compile=True)
+    torch._dynamo.reset()
+    counters.clear()
+    d = policy.model.config.hidden_size  # a batch as large as the model's width first: dynamo's "duck shaping"
+    calls = [(prompts * (d // 8), [16] * d, None),  # gives equal sizes one symbol, and a smaller batch recompiled
+             (prompts, [2, 2, 2, 2, 16, 16, 16, 16], None), (prompts[:3], [12] * 3, 0.0), (prompts[1:] * 3, [10] * 21, None)]
+    for batch, caps, temperature in calls:
+        ours = compiled.complete(batch, ["student"] * len(batch), caps, temperature=temperature)
+        ref = eager.complete(batch, ["student"] * len(batch), caps, temperature=temperature)
+        assert [o.ids for o in ours] == [r.ids for r in ref]
+        assert max(len(o.ids) for o in ours) > 2  # decode steps ran
+        for o, r in zip(ours, ref):
+            assert o.logprobs == pytest.approx(r.logprobs, abs=1e-4)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
 def test_trainer_warm_up_compiles_the_update_and_changes_nothing(policy):

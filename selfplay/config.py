@@ -92,7 +92,7 @@ class GenerationCfg(Section):
     max_new_tokens: int = Field(24, description="Student completion cap (the tiny model's 4-number answers are ~8 tokens).")
     tutor_max_new_tokens: int = Field(16, description="Tutor completion cap (hints, mutations, verdicts).")
     max_batch: int = Field(1024, description="Largest fused generation batch (rows).")
-    compile: bool = Field(False, description="Run the torch sampler's decode steps through torch.compile (inductor: each layer's norms, rotary, softmax and SwiGLU fused into C++ loops around the matmuls; needs a C++ compiler): decoding 1.2-1.3x faster on 2 cores, after a one-time compile of ~25 s (~8 s once inductor's on-disk cache holds it) in the first rollout or evaluation. Functional-decoder models only (Qwen2/Llama); the same sums up to float rounding, so other samples than eager. On in configs/plain-grpo.yaml; off in the default config (a fresh machine may have no g++).")
+    compile: bool = Field(False, description="Run the torch sampler's decode steps through torch.compile (inductor: each layer's norms, rotary, softmax and SwiGLU fused into C++ loops around the matmuls; needs a C++ compiler): decoding 1.2-1.3x faster on 2 cores, after a one-time compile of ~25 s (~8 s once inductor's on-disk cache holds it) in the first rollout or evaluation. Functional-decoder models only (Qwen2/Llama); the same sums up to float rounding, so other samples than eager. On in configs/plain-grpo.yaml; off in the default config (a fresh machine may have no g++). It pays where per-op overhead dominates a decode step (the tiny base); on SmolLM2-135M it was slower (4.37 vs 3.56 s for 16 rows x 40 tokens) after a 155 s compile.")
 
 
 class GraphCfg(Section):

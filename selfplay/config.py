@@ -233,6 +233,9 @@ class RunConfig(Section):
             raise ValueError("curriculum.ops and eval.ops take a non-empty subset of '+-*/'")
         if self.model.backend == "vllm_server" and not self.model.servers:
             raise ValueError("model.backend=vllm_server needs model.servers, e.g. --set 'model.servers=[http://127.0.0.1:8001]'")
+        if self.generation.compile and self.model.backend != "torch":  # it would silently change nothing
+            raise ValueError(f"generation.compile compiles the torch sampler; model.backend={self.model.backend} "
+                             "samples elsewhere (set generation.compile=false)")
         return self
 
     def digest(self, section: str) -> str:

@@ -49,6 +49,7 @@ def test_every_field_is_documented():
     (["eval.max_count=7"], "solver"),
     (["curriculum.ops=+^"], "curriculum.ops"),
     (["model.backend=vllm_server"], "model.servers"),
+    (["model.backend=vllm", "generation.compile=true"], "generation.compile"),  # would compile nothing
     (["rewards.student_source=oracle"], "rewards.student_source"),
 ])
 def test_cross_field_checks_give_one_line_errors(overrides, words):

@@ -1,5 +1,7 @@
 """Generation tokens/s at the same total batch: HF `generate` vs our KV-cache sampler vs concurrent
-requests through the micro-batcher vs whole episodes through the LangGraph graph (tutor off).
+requests through the micro-batcher vs whole episodes through the LangGraph graph (tutor off), and
+our sampler with `generation.compile` (when a C++ compiler is on PATH; its compile falls in the
+warm-up).
 
     python bench/generation.py [--threads 2] [--episodes 16] [--group 8] [--repeats 10]
 
@@ -60,6 +62,15 @@ def main():
         backend.rng.manual_seed(0)  # every merged-weight path draws the same samples: pure overhead
         return sum(len(o.ids) for o in backend.complete(rows, ["student"] * len(rows), [cap] * len(rows)))
 
+    try:
+        decode_compiled = TorchBackend(pol, 1.0, 0, 0, compile=True)
+    except RuntimeError:  # no C++ compiler on PATH: that row is left out
+        decode_compiled = None
+
+    def ours_compiled():  # the same sampler with its decode steps under torch.compile (compiled in the warm-up)
+        decode_compiled.rng.manual_seed(0)
+        return sum(len(o.ids) for o in decode_compiled.complete(rows, ["student"] * len(rows), [cap] * len(rows)))
+
     def batcher():
         backend.rng.manual_seed(0)
         gen = Generator(pol, backend, 4096)
@@ -85,6 +96,8 @@ def main():
              ("our sampler on the peft model (one batch)", peft_sampler),
              ("our sampler, merged weights (one batch)", ours), ("micro-batcher (concurrent requests)", batcher),
              ("full graph (episodes, verify)", graph))
+    if decode_compiled:
+        paths += (("our sampler, merged weights, generation.compile", ours_compiled),)
     for _, fn in paths:  # warm-up
         fn()
     best, tokens = {}, {}

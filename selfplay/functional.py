@@ -5,7 +5,8 @@ weights: (W + s·B A) x with the merged weight, as the sampler computes it, and 
 by hand (`_LoraLinear`); each distinct prompt of a batch runs once and its rows share its keys/values.
 Both take a layer as plain tensors (`_layer_weights`, `_lora_layer_weights`), with the projections
 of one input (q, k, v; gate, up) stacked into one matmul; the trainer's layer (`_train_block`)
-touches no module, so `trainer.compile` can run it under torch.compile as one graph.
+and the decoder's forward (`_decode`) touch no module, so `trainer.compile` and
+`generation.compile` can run them under torch.compile, one graph each.
 
 Why: at the tiny model's size, transformers' per-call machinery (mask construction, cache
 objects, output classes, module hooks) costs about 4x the matmuls of a decode step (measured

@@ -410,11 +410,11 @@ class Decoder:
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """The first len(ids) rows of the cache take the new tokens."""
-        n = len(ids)
-        caches = [(k[:n], v[:n]) for k, v in zip(self.k, self.v)]
+        rows = len(ids)
+        caches = [(k[:rows], v[:rows]) for k, v in zip(self.k, self.v)]
         args = (ids, pos, allowed, self.n, self.embed, self.cos, self.sin, self.layers, caches, self.norm, self.head,
                 (self.H, self.Hkv, self.D), self.eps)
-        if self.compile and ids.shape[1] == 1 and n > 1:  # a decode step (a batch of 1 would be a second graph)
+        if self.compile and ids.shape[1] == 1 and rows > 1:  # a decode step (a batch of 1 would be a second graph)
             kv = [t for c in caches for t in c]
             for t, dims in ((ids, (0,)), (pos, (0,)), (allowed, (0, 2)), (self.cos, (0,)), (self.sin, (0,)),
                             *((t, (0, 2)) for t in kv)):  # rows and cache slots, each its own symbol: with

@@ -14,7 +14,11 @@ Variant (defaults in `TrainerCfg`):
   the same sampling distribution (temperature and top-k), so rho = 1 up to float rounding at
   epoch 1 and the clip matters with `epochs > 1` or a stale sampler.
 - Optional KL to the reference (base with adapters disabled), k3 estimator per token:
-  KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1, added as kl_coef * KL_t.
+  KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1, added as kl_coef · (sum of KL_t over the
+  sampled tokens of every row) / (their count): a token mean of its own, whatever the
+  aggregation of the policy term (`kl_penalty`). Its rows may include KL-only rows that carry no
+  policy gradient (the tutor's zero-variance groups, `trainer.tutor_kl_coef`), so a collapsed
+  policy, whose groups are all equal and would be dropped, still feels the pull to its prior.
 - Teacher-forced hint tokens (a hint placed at the start of the student's completion) are not the
   policy's samples: no ratio, no advantage. They get an NLL term instead, on rows whose sampled
   continuation solved the task: L = L_pg(sampled tokens) + λ · mean NLL(forced tokens of those
@@ -74,21 +78,23 @@ def class_balanced(advantages: Sequence[float], classes: Sequence[Hashable | Non
 
 
 def per_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                   clip_low: float, clip_high: float, ref_logprobs: torch.Tensor | None = None,
-                   kl_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
-    """Clipped-ratio policy loss per token. logprobs/old/ref: (B, C); advantages: (B,). Returns (B, C)."""
+                   clip_low: float, clip_high: float) -> tuple[torch.Tensor, dict]:
+    """Clipped-ratio policy loss per token. logprobs/old: (B, C); advantages: (B,). Returns (B, C)."""
     ratio = torch.exp(logprobs - old_logprobs)  # (B, C)
     A = advantages[:, None]  # (B, 1)
     unclipped = ratio * A
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * A
     loss = -torch.minimum(unclipped, clipped)  # (B, C)
-    stats = {"clip_frac": (clipped < unclipped).float()}  # the clipped term is the active one
-    if ref_logprobs is not None and kl_coef > 0:
-        d = ref_logprobs - logprobs
-        kl = torch.exp(d) - d - 1  # k3, >= 0
-        loss = loss + kl_coef * kl
-        stats["kl"] = kl
-    return loss, stats
+    return loss, {"clip_frac": (clipped < unclipped).float()}  # the clipped term is the active one
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, n_tokens: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of k3 KL_t over the masked tokens / `n_tokens`, the (B, C) KL_t). logprobs/ref/mask: (B, C);
+    n_tokens: the full batch's count of such tokens, so micro-batches sum to the full-batch term."""
+    d = ref_logprobs - logprobs
+    kl = torch.exp(d) - d - 1  # k3: >= 0, unbiased for KL(pi || ref) on pi's samples
+    return (kl * mask).sum() / max(n_tokens, 1), kl
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str, n_rows: int, n_tokens: int,

@@ -166,6 +166,8 @@ class SelfPlay:
                     hint_only[key].weight += 1
                     continue
                 row = hint_only[key] = Row(t["prompt_ids"], hint, 0.0, [0.0] * len(hint), len(hint), True)
+            elif t["role"] == "tutor" and cfg.trainer.tutor_kl_coef > 0:  # no signal, but the KL sees it
+                row = Row(t["prompt_ids"], t["completion_ids"], 0.0, t["behaviour_logprobs"], pg=False)
             else:
                 continue
             rows[t["role"]].append(row)
@@ -232,7 +234,7 @@ class SelfPlay:
 
     def _account(self, turns: list[dict], rows: dict) -> dict[str, float]:
         t = self.cfg.trainer
-        for k, v in count_tokens(turns, rows, t.epochs, t.kl_coef > 0).items():
+        for k, v in count_tokens(turns, rows, t.epochs, {"student": t.kl_coef > 0, "tutor": t.tutor_kl_coef > 0}).items():
             self.totals[k] = self.totals.get(k, 0) + v
         return {**self.totals, **self.flops()}
 
@@ -344,10 +346,10 @@ def hindsight_rows(turns: list[dict]) -> list[tuple[Row, str]]:
     return out
 
 
-def count_tokens(turns: list[dict], rows: dict, epochs: int, ref: bool) -> dict[str, int]:
+def count_tokens(turns: list[dict], rows: dict, epochs: int, ref: dict[str, bool]) -> dict[str, int]:
     """One iteration's samples and tokens per role, for the FLOP estimate: generation (prompt +
     completion of every sampled turn), training (every token of every trained row, once per epoch:
-    forward + backward) and the KL reference forward (once per trained token, if the KL is on).
+    forward + backward) and the KL reference forward (once per trained token, if the role's KL is on).
     `rows` holds only the rows really trained (none for a frozen tutor)."""
     out = {}
     for role in ("student", "tutor"):
@@ -356,7 +358,7 @@ def count_tokens(turns: list[dict], rows: dict, epochs: int, ref: bool) -> dict[
         out[f"samples/{role}"] = len(mine)
         out[f"tokens/{role}_gen"] = sum(t["prompt_tokens"] + t["completion_tokens"] for t in mine)
         out[f"tokens/{role}_train"] = trained * epochs
-        out[f"tokens/{role}_ref"] = trained if ref else 0
+        out[f"tokens/{role}_ref"] = trained if ref[role] else 0
     return out
 
 
@@ -397,6 +399,7 @@ def _turn_metrics(turns: list[dict]) -> dict[str, float]:
     hints = [t for t in turns if t["kind"] == "hint"]
     if hints:
         m["tutor/hint_revealed"] = mean(t["revealed"] for t in hints)
+        m["tutor/hint_empty"] = mean(t["revealed"] == 0 for t in hints)  # a collapsed tutor reveals nothing
     mut = [t for t in turns if t["kind"] == "mutate"]
     if mut:
         m["tutor/mutate_valid_rate"] = mean(t["verdict"] == "valid" for t in mut)

@@ -6,7 +6,10 @@ A row whose completion is all forced tokens has no policy-gradient token and is 
 the policy-gradient normalisers (the loop sends the solved attempts of a flat hinted group as one
 such row: the hint only, `weight` = how many attempts it stands for). Hindsight rows (a failed
 attempt with a relabelled prompt whose target is the value it reached) carry no policy gradient:
-their whole completion gets λ_H · mean NLL over all such tokens (`trainer.hindsight_nll`). The NLL
+their whole completion gets λ_H · mean NLL over all such tokens (`trainer.hindsight_nll`). A
+KL-only row (`pg=False`: a tutor turn of a zero-variance group, kept when `trainer.tutor_kl_coef`
+> 0) is in the KL term only, so it pulls towards the prior without diluting the policy gradient's
+normalisers. The KL coefficient is per role: `kl_coef` (student), `tutor_kl_coef` (tutor). The NLL
 terms score their targets under the tempered distribution without the top-k filter (they were not
 sampled, and outside the top k their sampling log-prob is -inf); the ratio uses the filtered one. Rows
 are sorted into length buckets (`micro_batches`), so a few long answers do not pad every row. A
@@ -39,6 +42,7 @@ class Row:
     nll: bool = False  # train the forced tokens with the NLL term (the hinted continuation solved)
     hindsight: bool = False  # a relabelled attempt: every completion token gets the hindsight NLL term
     weight: int = 1  # identical rows merged into one: its NLL term counts this many times
+    pg: bool = True  # False: no policy gradient (a zero-variance group), only the KL term sees it
 
 
 def _old_logprobs(rows: list[Row], C: int) -> torch.Tensor | None:
@@ -85,12 +89,14 @@ class Trainer:
         t, pol = self.cfg.trainer, self.policy
         # the normalisers count the rows of EVERY rank (torchrun): the loss of each rank's rows is
         # its share of the global loss, and the summed gradients are one process's on all rows
-        n_rows, n_tokens, n_nll, n_hs = (int(x) for x in dist.all_sum([
-            sum(len(r.completion_ids) > r.forced for r in rows),  # rows with a sampled token
-            sum(len(r.completion_ids) - r.forced for r in rows),  # sampled tokens: the PG normaliser
+        kl_coef = t.kl_coef if role == "student" else t.tutor_kl_coef
+        n_rows, n_tokens, n_nll, n_hs, n_kl = (int(x) for x in dist.all_sum([
+            sum(len(r.completion_ids) > r.forced for r in rows if r.pg),  # rows with a sampled token
+            sum(len(r.completion_ids) - r.forced for r in rows if r.pg),  # sampled tokens: the PG normaliser
             sum(r.forced * r.weight for r in rows if r.nll),
-            sum(len(r.completion_ids) for r in rows if r.hindsight)]))
-        if not (n_rows or n_hs or (n_nll and t.hint_nll > 0)):
+            sum(len(r.completion_ids) for r in rows if r.hindsight),
+            sum(len(r.completion_ids) - r.forced for r in rows) if kl_coef > 0 else 0]))  # the KL's
+        if not (n_rows or n_hs or (n_nll and t.hint_nll > 0) or n_kl):
             return {}
         t0 = time.perf_counter()
         pol.use(role)
@@ -110,14 +116,17 @@ class Trainer:
                 if old[k] is None:
                     old[k] = lp.detach()
                 old[k] = old[k].to(lp.device)
-                ref = pol.ref_logprobs(b) if t.kl_coef > 0 else None
-                if ref is not None:
-                    pol.use(role)
-                mask, nll_mask = grpo.split_masks(b.completion_mask.to(lp.device),
-                                                  torch.tensor([r.forced for r in rs], device=lp.device),
-                                                  torch.tensor([r.nll * r.weight for r in rs], device=lp.device))
-                per_tok, st = grpo.per_token_loss(lp, old[k], adv, t.clip_low, t.clip_high, ref, t.kl_coef)
+                sampled, nll_mask = grpo.split_masks(b.completion_mask.to(lp.device),
+                                                     torch.tensor([r.forced for r in rs], device=lp.device),
+                                                     torch.tensor([r.nll * r.weight for r in rs], device=lp.device))
+                mask = sampled * torch.tensor([r.pg for r in rs], device=lp.device)[:, None]  # (b, C) PG tokens
+                per_tok, st = grpo.per_token_loss(lp, old[k], adv, t.clip_low, t.clip_high)
                 loss = grpo.aggregate(per_tok, mask, t.aggregation, n_rows, n_tokens, max_tokens)
+                if n_kl:
+                    ref = pol.ref_logprobs(b)
+                    pol.use(role)
+                    kl_term, kl = grpo.kl_penalty(lp, ref, sampled, n_kl)
+                    loss = loss + kl_coef * kl_term
                 if n_nll and t.hint_nll > 0:
                     loss = loss + t.hint_nll * grpo.nll(lp_nll, nll_mask, n_nll)
                 if n_hs:
@@ -127,8 +136,8 @@ class Trainer:
                 total += loss.item()
                 if epoch == t.epochs - 1:
                     stats["clip_frac"] += float((st["clip_frac"] * mask).sum()) / max(n_tokens, 1)
-                    if "kl" in st:
-                        stats["kl"] += float((st["kl"] * mask).sum()) / max(n_tokens, 1)
+                    if n_kl:
+                        stats["kl"] += kl_term.item()
             dist.all_reduce_grads(params)
             total = dist.all_sum([total])[0]
             gnorm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from selfplay.grpo import aggregate, class_balanced, group_advantages, per_token_loss
+from selfplay.grpo import aggregate, class_balanced, group_advantages, kl_penalty, per_token_loss
 
 
 def test_group_advantages_by_hand():
@@ -41,11 +41,18 @@ def test_clipped_loss_by_hand():
 
 
 def test_k3_kl_by_hand():
-    # ref - logp = d = log 2 -> k3 = e^d - d - 1 = 2 - log 2 - 1 = 0.30685
-    lp, ref = torch.zeros(1, 1), torch.full((1, 1), math.log(2))
-    loss, st = per_token_loss(lp, lp, torch.tensor([0.0]), 0.2, 0.2, ref, kl_coef=0.1)
-    assert st["kl"].item() == pytest.approx(1 - math.log(2))
-    assert loss.item() == pytest.approx(0.1 * (1 - math.log(2)))
+    # token 1: ref - logp = d = log 2 -> k3 = e^d - d - 1 = 2 - log 2 - 1 = 0.30685
+    # token 2: d = 0 -> k3 = 0; token 3 is masked (padding). The full batch has 4 such tokens
+    # (another micro-batch holds the other two): term = (0.30685 + 0) / 4 = 0.07671
+    lp = torch.zeros(1, 3)
+    ref = torch.tensor([[math.log(2), 0.0, 5.0]])
+    term, kl = kl_penalty(lp, ref, torch.tensor([[1.0, 1.0, 0.0]]), 4)
+    assert kl[0, :2].tolist() == pytest.approx([1 - math.log(2), 0.0])
+    assert term.item() == pytest.approx((1 - math.log(2)) / 4)
+    # its gradient pulls logp towards ref: d term / d logp_1 = (1 - e^d) / 4 = (1 - 2) / 4 = -0.25
+    lp.requires_grad_(True)
+    kl_penalty(lp, ref, torch.tensor([[1.0, 1.0, 0.0]]), 4)[0].backward()
+    assert lp.grad[0].tolist() == pytest.approx([-0.25, 0.0, 0.0])
 
 
 def test_aggregations_by_hand():
@@ -86,7 +93,7 @@ def test_token_and_flop_accounting_by_hand():
              {"role": "student", "prompt_tokens": 5, "completion_tokens": 2},
              {"role": "tutor", "prompt_tokens": 4, "completion_tokens": 1}]
     rows = {"student": [Row([1] * 5, [2] * 3, 1.0)], "tutor": []}  # the tutor is frozen: nothing trained
-    c = count_tokens(turns, rows, epochs=2, ref=True)
+    c = count_tokens(turns, rows, epochs=2, ref={"student": True, "tutor": True})
     # generation 8 + 7 = 15; one row of 8 tokens trained twice = 16; the KL reference reads it once = 8
     assert c == {"samples/student": 2, "tokens/student_gen": 15, "tokens/student_train": 16, "tokens/student_ref": 8,
                  "samples/tutor": 1, "tokens/tutor_gen": 5, "tokens/tutor_train": 0, "tokens/tutor_ref": 0}

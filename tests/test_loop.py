@@ -190,3 +190,38 @@ def test_hinted_pg_false_trains_hinted_attempts_by_their_hint_nll_only(base_path
     assert hinted_off and all(len(r.completion_ids) == r.forced and r.advantage == 0.0 and r.nll
                               for r in hinted_off)
     assert unhinted(on) == unhinted(off)
+
+
+def test_tutor_kl_keeps_zero_variance_tutor_groups_as_kl_only_rows(base_path, tmp_path):
+    # The same first iteration (same seed: same episodes) with and without the tutor's KL. Without
+    # it, tutor turns of groups with equal rewards are dropped; with it they come as KL-only rows
+    # (pg False, advantage 0), and every policy-gradient row is the same as without.
+    from selfplay.loop import SelfPlay
+
+    def tutor_rows(kl: float):
+        cfg = tiny_config(**{"graph.judge": False, "graph.mutate": False, "trainer.policy_lag": 0,
+                             "trainer.tutor_kl_coef": kl, "curriculum.episodes_per_iter": 16})
+        (out := tmp_path / f"kl{kl}").mkdir()
+        sp = SelfPlay(cfg, out)
+        got, step = [], sp.trainer.step
+
+        def capture(role, rows, cap):
+            got.extend(rows if role == "tutor" else [])
+            return step(role, rows, cap)
+
+        sp.trainer.step = capture
+        m = sp.iteration(1)
+        sp.store.close()
+        sp.close()
+        return got, m
+
+    def key(r):
+        return r.prompt_ids, r.completion_ids, r.advantage
+
+    (off, m_off), (on, m_on) = tutor_rows(0.0), tutor_rows(0.1)
+    kl_only = [r for r in on if not r.pg]
+    assert all(r.pg for r in off)
+    assert kl_only and all(r.advantage == 0.0 for r in kl_only)
+    assert [key(r) for r in on if r.pg] == [key(r) for r in off]
+    assert "tutor/hint_empty" in m_on  # (the KL itself is 0 here: at step 0 the tutor is its prior)
+    assert m_on["tokens/tutor_train"] > m_off["tokens/tutor_train"]  # their forward + backward is budgeted

@@ -399,6 +399,50 @@ def test_hint_only_row_trains_like_the_flat_groups_solved_attempts(base_path):
     assert m_both["student/loss"] == pytest.approx(m_pg["student/loss"] + 0.5 * nll, rel=1e-5)
 
 
+def test_kl_only_rows_pull_the_tutor_to_its_prior_without_diluting_the_policy_gradient(base_path):
+    # A tutor moved off its prior (perturbed adapter). Rows: one PG row (advantage 1, behaviour =
+    # current log-probs, so ratio 1 and each sampled token's loss is -1: the PG term is -1 as a
+    # token mean) and one KL-only row (pg=False, a zero-variance group). With tutor_kl_coef c the
+    # loss must be -1 + c · (Σ k3 over the sampled tokens of BOTH rows) / (their count): the
+    # KL-only row's tokens are in the KL's normaliser, not in the PG's (else the PG term would be
+    # -1 · 2/6). And updates on KL-only rows alone must lower that KL.
+    import pytest
+
+    from selfplay.policy import Policy
+    from selfplay.trainer import Row, Trainer
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(**{"trainer.tutor_kl_coef": 0.5, "trainer.max_grad_norm": 1e9, "trainer.tutor_lr": 1e-2})
+    pol = Policy(cfg, base_path)
+    _perturb(pol, "tutor")
+    p = pol.encode("S:5 5>25|H:5*5|")
+    c1 = pol.tokenizer("12", add_special_tokens=False)["input_ids"] + [pol.eos_id]  # a reveal count
+    c2 = pol.tokenizer("3+3+", add_special_tokens=False)["input_ids"]
+    assert (len(c1), len(c2)) == (2, 4)
+    b = make_batch([p, p], [c1, c2], pol.pad_id)
+
+    def kl_of():  # Σ k3 over the 2 + 4 sampled tokens / 6, by the formula, from both forwards
+        with torch.no_grad():
+            d = pol.ref_logprobs(b) - pol.logprobs(b, "tutor")
+        k3 = (torch.exp(d) - d - 1) * b.completion_mask
+        return k3.sum().item() / 6
+
+    kl0 = kl_of()
+    assert kl0 > 0
+    with torch.no_grad():
+        old = pol.logprobs(b, "tutor")[0, : len(c1)].tolist()
+    tr = Trainer(pol, cfg)
+    m = tr.step("tutor", [Row(p, c1, 1.0, old), Row(p, c2, 0.0, None, pg=False)], 8)
+    assert m["tutor/loss"] == pytest.approx(-1.0 + 0.5 * kl0, rel=1e-4)
+    assert m["tutor/kl"] == pytest.approx(kl0, rel=1e-4)
+    kl1 = kl_of()
+    for _ in range(3):
+        tr.step("tutor", [Row(p, c1, 0.0, None, pg=False), Row(p, c2, 0.0, None, pg=False)], 8)
+    assert kl_of() < 0.8 * kl1
+    # without the KL the same rows carry nothing to train
+    assert Trainer(pol, tiny_config()).step("tutor", [Row(p, c2, 0.0, None, pg=False)], 8) == {}
+
+
 def test_length_buckets_give_the_same_update(base_path):
     # Cutting the sorted rows into two micro-batches changes only the summation order: the summed
     # gradient equals the one-batch gradient to float rounding.

@@ -31,6 +31,7 @@ import json
 import random
 import shutil
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -400,6 +401,12 @@ def _turn_metrics(turns: list[dict]) -> dict[str, float]:
     if hints:
         m["tutor/hint_revealed"] = mean(t["revealed"] for t in hints)
         m["tutor/hint_empty"] = mean(t["revealed"] == 0 for t in hints)  # a collapsed tutor reveals nothing
+        answers = defaultdict(set)
+        for t in hints:
+            answers[t["group_id"]].add(t["completion"])
+        # a group of identical hints teaches the tutor nothing: equal rewards drop it, unequal ones
+        # give the same tokens opposite advantages (a frozen tutor: README Results, "keeps learning")
+        m["tutor/hint_groups_identical"] = mean(len(a) == 1 for a in answers.values())
     mut = [t for t in turns if t["kind"] == "mutate"]
     if mut:
         m["tutor/mutate_valid_rate"] = mean(t["verdict"] == "valid" for t in mut)

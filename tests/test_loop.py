@@ -225,3 +225,21 @@ def test_tutor_kl_keeps_zero_variance_tutor_groups_as_kl_only_rows(base_path, tm
     assert [key(r) for r in on if r.pg] == [key(r) for r in off]
     assert "tutor/hint_empty" in m_on  # (the KL itself is 0 here: at step 0 the tutor is its prior)
     assert m_on["tokens/tutor_train"] > m_off["tokens/tutor_train"]  # their forward + backward is budgeted
+
+
+def test_hint_metrics_by_hand():
+    # three hint groups: H1 = two identical answers "4" (revealed 0.5), H2 = "4" and "6" (0.5, 0.75),
+    # H3 = two empty answers (revealed 0). Identical groups: H1 and H3 = 2/3; empty hints 2/6;
+    # mean revealed (0.5 + 0.5 + 0.5 + 0.75 + 0 + 0) / 6 = 0.375
+    from selfplay.loop import _turn_metrics
+
+    def hint(group, completion, revealed):
+        return {"kind": "hint", "role": "tutor", "group_id": group, "completion": completion,
+                "revealed": revealed, "reward": 0.0}
+
+    turns = [hint("e:H1", "4", 0.5), hint("e:H1", "4", 0.5), hint("f:H1", "4", 0.5), hint("f:H1", "6", 0.75),
+             hint("g:H1", "", 0.0), hint("g:H1", "", 0.0)]
+    m = _turn_metrics(turns)
+    assert m["tutor/hint_groups_identical"] == pytest.approx(2 / 3)
+    assert m["tutor/hint_empty"] == pytest.approx(2 / 6)
+    assert m["tutor/hint_revealed"] == pytest.approx(0.375)

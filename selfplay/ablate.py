@@ -153,7 +153,8 @@ def results_table(out: Path, variants: list[str], seeds: list[int], hard: bool) 
     f_star = min(s["flops"]["flops/total"] for s in sums.values())  # every cell reached this much compute
     head = ["variant", "sampled solve (before)", "sampled solve (after)", "non-flat solve (after)", "greedy solve (after)",
             f"solve @ {f_star:.2e} FLOPs", "student samples", "tutor samples", "student TFLOPs", "tutor TFLOPs",
-            "solver s", "hinted solve rate", "hint revealed", "judge balanced acc", "mutation validity"]
+            "solver s", "hinted solve rate", "hint revealed", "identical hint groups", "judge balanced acc",
+            "mutation validity"]
     if hard:
         head.append("hard split solve")
     judged = any("goodhart" in x for x in sums.values())
@@ -175,6 +176,7 @@ def results_table(out: Path, variants: list[str], seeds: list[int], hard: bool) 
                f"{sum(x.get('env', {}).get('solver_seconds', 0.0) for x in S) / len(S):.1f}",
                _fmt([m.get("student/hinted_solve_rate", float("nan")) for m in metrics]),
                _fmt([m.get("tutor/hint_revealed", float("nan")) for m in metrics]),
+               _fmt([m.get("tutor/hint_groups_identical", float("nan")) for m in metrics]),  # ~1: a frozen tutor
                _fmt([x["after"].get("judge_balanced_accuracy", float("nan")) for x in S]),
                _fmt([m.get("tutor/mutate_valid_rate", float("nan")) for m in metrics])]
         if hard:

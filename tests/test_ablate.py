@@ -26,6 +26,8 @@ def test_grid_runs_reuses_cells_and_reports_standard_errors(base_path, tmp_path)
         before = [json.loads((tmp_path / "out" / v / f"seed{s}" / "summary.json").read_text())["before"]["solve_rate"]
                   for s in (0, 1)]
         assert float(row.split("|")[2].split("±")[0]) == pytest.approx(sum(before) / 2, abs=5e-4)
+    col = table.splitlines()[0].split("|").index(" identical hint groups ")
+    assert rows[0].split("|")[col].strip() == "–" and "±" in rows[1].split("|")[col]  # plain GRPO gives no hints
     for v in ("plain", "tutor"):
         for s in (0, 1):
             n = json.loads((tmp_path / "out" / v / f"seed{s}" / "summary.json").read_text())["totals"]["samples/student"]

@@ -155,30 +155,36 @@ def test_parting_iteration_by_hand():
     assert parting_iteration(its, rising, rising, window=3) is None
 
 
+def _first_iteration_rows(out, role: str, **sets):
+    """(the rows `role`'s update got, the metrics) of iteration 1 of a synchronous run without
+    mutations or the judge, in the new run directory `out`."""
+    from selfplay.loop import SelfPlay
+
+    cfg = tiny_config(**{"graph.judge": False, "graph.mutate": False, "trainer.policy_lag": 0, **sets})
+    out.mkdir()
+    sp = SelfPlay(cfg, out)
+    got, step = [], sp.trainer.step
+
+    def capture(r, rows, cap):
+        got.extend(rows if r == role else [])
+        return step(r, rows, cap)
+
+    sp.trainer.step = capture
+    m = sp.iteration(1)
+    sp.store.close()
+    sp.close()
+    return got, m
+
+
 def test_hinted_pg_false_trains_hinted_attempts_by_their_hint_nll_only(base_path, tmp_path):
     # One iteration with and without the policy gradient on hinted continuations, from the same
     # seed (so the same episodes). Off, every row of a hinted attempt is a hint-only row: just the
     # forced tokens, advantage 0, NLL on (from a hinted attempt that solved); the rows of unhinted
     # attempts are the same either way.
-    from selfplay.loop import SelfPlay
-
     def student_rows(hinted_pg: bool):
-        cfg = tiny_config(**{"graph.judge": False, "graph.mutate": False, "graph.hint_source": "schedule",
-                             "graph.schedule_start": 0.75, "trainer.policy_lag": 0, "trainer.train_tutor": False,
-                             "trainer.hinted_pg": hinted_pg, "curriculum.episodes_per_iter": 24})
-        (out := tmp_path / f"pg{hinted_pg}").mkdir()
-        sp = SelfPlay(cfg, out)
-        got, step = [], sp.trainer.step
-
-        def capture(role, rows, cap):
-            got.extend(rows if role == "student" else [])
-            return step(role, rows, cap)
-
-        sp.trainer.step = capture
-        sp.iteration(1)
-        sp.store.close()
-        sp.close()
-        return got
+        return _first_iteration_rows(tmp_path / f"pg{hinted_pg}", "student", **{
+            "graph.hint_source": "schedule", "graph.schedule_start": 0.75, "trainer.train_tutor": False,
+            "trainer.hinted_pg": hinted_pg, "curriculum.episodes_per_iter": 24})[0]
 
     def unhinted(rows):
         return [(r.prompt_ids, r.completion_ids, r.advantage) for r in rows if r.forced == 0]
@@ -196,24 +202,9 @@ def test_tutor_kl_keeps_zero_variance_tutor_groups_as_kl_only_rows(base_path, tm
     # The same first iteration (same seed: same episodes) with and without the tutor's KL. Without
     # it, tutor turns of groups with equal rewards are dropped; with it they come as KL-only rows
     # (pg False, advantage 0), and every policy-gradient row is the same as without.
-    from selfplay.loop import SelfPlay
-
     def tutor_rows(kl: float):
-        cfg = tiny_config(**{"graph.judge": False, "graph.mutate": False, "trainer.policy_lag": 0,
-                             "trainer.tutor_kl_coef": kl, "curriculum.episodes_per_iter": 16})
-        (out := tmp_path / f"kl{kl}").mkdir()
-        sp = SelfPlay(cfg, out)
-        got, step = [], sp.trainer.step
-
-        def capture(role, rows, cap):
-            got.extend(rows if role == "tutor" else [])
-            return step(role, rows, cap)
-
-        sp.trainer.step = capture
-        m = sp.iteration(1)
-        sp.store.close()
-        sp.close()
-        return got, m
+        return _first_iteration_rows(tmp_path / f"kl{kl}", "tutor", **{
+            "trainer.tutor_kl_coef": kl, "curriculum.episodes_per_iter": 16})
 
     def key(r):
         return r.prompt_ids, r.completion_ids, r.advantage

@@ -5,12 +5,15 @@ warm-up).
 
     python bench/generation.py [--threads 2] [--episodes 16] [--group 8] [--repeats 10]
 
-Each path's time is its best of `--repeats` interleaved rounds (one warm-up each first).
+Each path runs once per round, `--repeats` interleaved rounds (one warm-up each first); its time is
+its best round, its speed against our sampler the median over rounds of the two times in the same
+round (the machine's speed drifts by tens of percent within a minute).
 """
 
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 
 import torch
@@ -100,19 +103,24 @@ def main():
         paths += (("our sampler, merged weights, generation.compile", ours_compiled),)
     for _, fn in paths:  # warm-up
         fn()
-    best, tokens = {}, {}
+    times, tokens = {name: [] for name, _ in paths}, {}
     for _ in range(a.repeats):  # interleaved rounds, so the machine's drift hits every path alike
         for name, fn in paths:
             t0 = time.perf_counter()
             tokens[name] = fn()
-            best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
-    timed = [(name, tokens[name], best[name]) for name, _ in paths]
-    ref = next(n / t for name, n, t in timed if name.startswith("our sampler, merged"))
-    results = [[name, f"{n}", f"{t * 1000:.0f}", f"{n / t:,.0f}", f"{n / t / ref:.2f}",
-                f"{a.episodes / t:.1f}" if name.startswith("full") else ""] for name, n, t in timed]
+            times[name].append(time.perf_counter() - t0)
+    ref = next(times[name] for name, _ in paths if name.startswith("our sampler, merged"))
+    results = []
+    for name, _ in paths:
+        n, t = tokens[name], min(times[name])
+        # each round's time against our sampler's in the same round (every path draws the same
+        # tokens each round): the machine's drift over the run cancels, which best-of-N per path does not
+        vs = statistics.median(r / x for r, x in zip(ref, times[name]))
+        results.append([name, f"{n}", f"{t * 1000:.0f}", f"{n / t:,.0f}", f"{vs:.2f}",
+                        f"{a.episodes / t:.1f}" if name.startswith("full") else ""])
     table(f"generation, {a.episodes} prompts x {a.group} samples, {a.threads} threads, cap {cap} tokens "
           f"({pol.n_params / 1e6:.2f}M params); fused batch sizes seen: {rows_out[-1]}",
-          ["path", "tokens", "ms", "tokens/s", "vs our sampler (merged)", "episodes/s"], results)
+          ["path", "tokens", "ms (best)", "tokens/s (best)", "vs our sampler (merged), median per round", "episodes/s"], results)
 
 
 if __name__ == "__main__":

@@ -143,6 +143,7 @@ class TrainerCfg(Section):
     hinted_pg: bool = Field(True, description="Hinted attempts get the policy gradient on their sampled continuation; False keeps only the NLL on the hint tokens of those that solved (imitation of the revealed prefix, no RL on hinted states). Needs train_on_hinted.")
     hint_nll: float = Field(0.1, ge=0, description="λ: NLL on the teacher-forced hint tokens of hinted attempts that solved the task (hint_place=response), added to the student's loss.")
     hindsight_nll: float = Field(0.0, ge=0, description="λ_H: hindsight relabelling (HER, Andrychowicz et al. 2017): a failed attempt whose value v is a whole number in 1..curriculum.max_target (not the numbers' plain sum, not a held-out task) is trained by NLL, with weight λ_H, as a solution of the same numbers with target v. The verifier's work only, no tutor; 0 = off.")
+    hindsight_numbers: bool = Field(False, description="Also relabel attempts that used other numbers than the task's (a number repeated, missing or added): the task becomes the numbers the answer used (in a seeded random order, since answers tend to use numbers in the order given) with target its value, when that is a task of the fresh-task distribution (curriculum.min_count..max_count numbers in min_value..max_value, a whole target in 1..max_target, not the plain sum) and not a held-out task. More of the verifier's work on failures; needs hindsight_nll > 0.")
     hindsight_hinted: bool = Field(True, description="Hinted attempts are relabelled too (their completion starts with the solver's revealed tokens, which the student did not write); False relabels unhinted attempts only.")
     epochs: int = Field(1, ge=1, description="Gradient steps per batch; >1 makes the ratio clip active (PPO-style reuse).")
     micro_batch: int = Field(256, ge=1, description="Rows per forward/backward (gradients are accumulated).")
@@ -234,6 +235,8 @@ class RunConfig(Section):
             raise ValueError("curriculum.ops and eval.ops take a non-empty subset of '+-*/'")
         if self.model.backend == "vllm_server" and not self.model.servers:
             raise ValueError("model.backend=vllm_server needs model.servers, e.g. --set 'model.servers=[http://127.0.0.1:8001]'")
+        if self.trainer.hindsight_numbers and self.trainer.hindsight_nll == 0:  # it would silently change nothing
+            raise ValueError("trainer.hindsight_numbers adds rows to the hindsight term: set trainer.hindsight_nll > 0")
         if self.generation.compile and self.model.backend != "torch":  # it would silently change nothing
             raise ValueError(f"generation.compile compiles the torch sampler; model.backend={self.model.backend} "
                              "samples elsewhere (set generation.compile=false)")

@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import re
 import time
 from typing import TypedDict
 
@@ -129,7 +130,7 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
     pol = gen.policy
     student_cap, tutor_cap = cfg.generation.max_new_tokens, cfg.generation.tutor_max_new_tokens
     bounds = mutation_range(cfg.curriculum)
-    hindsight = cfg.trainer.hindsight_nll > 0
+    hindsight, cur = cfg.trainer.hindsight_nll > 0, cfg.curriculum
     env = env if env is not None else {}
 
     def vars_of(t: Task) -> dict:
@@ -139,14 +140,22 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
         text = prompts.render(kind, **vars)
         return text, await gen.generate(role, pol.encode(text), n, cap)
 
-    def relabelled(t: Task, value) -> list[int] | None:
-        """Hindsight: prompt ids of the task a failed attempt did solve (the same numbers, target =
+    def relabelled(numbers: list[int], value) -> list[int] | None:
+        """Hindsight: prompt ids of the task a failed attempt did solve (the numbers it used, target =
         its value), when that is a task of the training distribution and not a held-out one."""
-        if value is None or value.denominator != 1 or not 1 <= value <= cfg.curriculum.max_target \
-                or value == sum(t.numbers):
+        if value is None or value.denominator != 1 or not 1 <= value <= cur.max_target or value == sum(numbers):
             return None
-        task = Task(t.numbers, int(value))
+        task = Task(numbers, int(value))
         return None if task.key in heldout else pol.encode(prompts.render("attempt", **vars_of(task), hint=None))
+
+    def used_numbers(turn: dict) -> list[int] | None:
+        """The numbers an answer used instead of the task's (`trainer.hindsight_numbers`), shuffled by
+        a seeded stream, when they could be a fresh task's; else None."""
+        used = [int(x) for x in re.findall(r"\d+", turn["parsed"] or "")]  # the expression's literals
+        if not cur.min_count <= len(used) <= cur.max_count or not all(cur.min_value <= x <= cur.max_value for x in used):
+            return None
+        random.Random(f"{cfg.seed}:{turn['group_id']}:{turn['completion']}").shuffle(used)
+        return used
 
     async def solution_of(t: Task) -> str | None:
         t0 = time.perf_counter()
@@ -208,7 +217,10 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
                 v = verify(turn["parsed"] or "", t.numbers, t.target)
                 turn = {**turn, "verdict": v.reason, "reward": TURNS["attempt"].reward(v, rw.format_credit)}
                 if relabel and v.reason == "wrong_value":
-                    turn["hindsight_ids"] = relabelled(t, v.value)
+                    turn["hindsight_ids"] = relabelled(t.numbers, v.value)
+                elif relabel and cfg.trainer.hindsight_numbers and v.reason == "bad_numbers" and v.value is not None:
+                    used = used_numbers(turn)
+                    turn["hindsight_ids"] = used and relabelled(used, v.value)
                 solved_round |= v.solved
             turns.append(turn)
         out = {"turns": turns, "solved_round": solved_round}

@@ -228,6 +228,44 @@ def test_hindsight_relabels_failed_attempts_as_solved_tasks(policy):
     assert not any(a.get("hindsight_ids") for s in again for a in s["turns"])
 
 
+def test_hindsight_numbers_relabels_answers_that_used_other_numbers(policy):
+    # With trainer.hindsight_numbers an answer that used other numbers than the task's (e.g. 25+25-7
+    # on 3 7 25) is relabelled as the task of the numbers it used, in a shuffled order, with target
+    # its value (43), when that is a fresh task (3-4 numbers in 1..25, a whole target in 1..100, not
+    # their plain sum); wrong-value relabels are unchanged, and the same seed draws the same attempts.
+    import re
+
+    from selfplay.domains.countdown import verify
+
+    cfg = {"graph.hint": False, "graph.judge": False, "trainer.hindsight_nll": 1.0}
+    tasks = generate_tasks(64, 5)
+    _, off = _run(policy, tiny_config(**cfg), tasks)
+    _, on = _run(policy, tiny_config(**cfg, **{"trainer.hindsight_numbers": True}), tasks)
+    extra, shuffled = 0, 0
+    for s_off, s_on in zip(off, on):
+        t = s_on["current"]
+        for a, b in zip(s_off["turns"], s_on["turns"]):
+            assert a["completion_ids"] == b["completion_ids"]
+            v = verify(b["parsed"] or "", t.numbers, t.target)
+            used = [int(x) for x in re.findall(r"\d+", b["parsed"] or "")]
+            ok = (v.reason == "bad_numbers" and v.value is not None and v.value.denominator == 1
+                  and 1 <= v.value <= 100 and v.value != sum(used) and 3 <= len(used) <= 4
+                  and all(1 <= x <= 25 for x in used))
+            if v.reason != "bad_numbers":
+                assert b.get("hindsight_ids") == a.get("hindsight_ids")
+                continue
+            assert not a.get("hindsight_ids") and bool(b.get("hindsight_ids")) == ok, (b["parsed"], t)
+            if ok:
+                extra += 1
+                nums, target = policy.decode(b["hindsight_ids"]).removeprefix("S:").rstrip("|").split(">")
+                nums = [int(x) for x in nums.split()]
+                assert sorted(nums) == sorted(used) and int(target) == v.value
+                assert verify(b["parsed"], nums, int(target)).solved  # the relabelled task is solved
+                shuffled += nums != used
+    assert extra >= 3, extra  # (the test must see some)
+    assert shuffled >= 1  # the prompt does not list the numbers in the answer's order every time
+
+
 def test_hindsight_hinted_false_relabels_unhinted_attempts_only(policy):
     # The same seed draws the same attempts with either setting; only hinted attempts (whose
     # completion starts with the solver's revealed tokens) lose their relabelled prompt.

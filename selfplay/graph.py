@@ -31,8 +31,8 @@ graph's overhead over the raw sampler.) Nodes are async and await the shared `Ge
 micro-batcher fuses the model calls of all episodes of a node. Each node names the batch's next
 node in the `Command` it returns (no routing step between supersteps). Nodes, routes (the first
 one is async: LangGraph runs a sync route in a worker thread) and the solver all run on the event
-loop's thread, so batch membership, and with it every sample, is a function of the seed. The routes enforce the
-budgets (`hint_rounds`), so LangGraph's recursion limit is never what stops an episode. Token ids
+loop's thread, so batch membership, and with it every sample, is a function of the seed. The routes
+enforce the budgets (`hint_rounds`), so LangGraph's recursion limit is never what stops an episode. Token ids
 flow through the state with each turn (a revealed hint's ids are the solution's own); nothing
 sampled is re-tokenised. Every turn record carries its reward when the episode ends; advantages
 are added by the loop, which sees the groups that span episodes (mutations of one parent).
@@ -371,8 +371,8 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
     async def first_node(b: BatchState) -> str:  # async: LangGraph runs a sync route in a worker thread
         return next_node(b["episodes"])
 
-    # each node names the next itself (a Command): a separate routing step per superstep cost
-    # LangGraph ~0.2 ms, a tenth of the graph's fixed cost per batch
+    # each node names the next itself (a Command): the separate routing steps between supersteps
+    # cost LangGraph ~0.3 ms of the graph's ~5.5 ms fixed cost per 16 episodes (README Benchmarks)
     sg = StateGraph(BatchState)
     for name in order:
         sg.add_node(name, batched(name), destinations=(*order, END))

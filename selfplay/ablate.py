@@ -49,21 +49,26 @@ def _interp(curve, x_index: int, x: float) -> float:
     return pts[-1][1] if pts and x >= pts[-1][0] else (pts[0][1] if pts else float("nan"))
 
 
-def run_grid(path: Path, out: Path, sets: list[str], console=None, jobs: int = 1) -> str:
-    """Run every unfinished cell (in `jobs` processes at once), then write the table and plot."""
-    from selfplay.loop import run
-
+def grid_configs(path: Path, sets: list[str]) -> tuple[list[str], list[int], dict | None, dict]:
+    """(variant names, seeds, hard-split overrides, {(variant, seed): RunConfig}) of an ablation
+    file: every cell's config built and validated (a ConfigError names the bad key)."""
     if not Path(path).is_file():
         raise ConfigError(f"ablation file not found: {path}")
     spec = yaml.safe_load(Path(path).read_text()) or {}
     variants, seeds, hard = spec.pop("variants", None), spec.pop("seeds", [0]), spec.pop("hard", None)
     if not variants:
         raise ConfigError(f"{path}: no 'variants'")
-    cfgs = {}
-    for name, ov in variants.items():  # validate every cell before spending compute
-        for seed in seeds:
-            cfgs[name, seed] = build_config(spec, list(sets) + [f"{k}={json.dumps(v)}" for k, v in (ov or {}).items()]
-                                            + [f"seed={seed}"])
+    cfgs = {(name, seed): build_config(spec, list(sets) + [f"{k}={json.dumps(v)}" for k, v in (ov or {}).items()]
+                                       + [f"seed={seed}"])
+            for name, ov in variants.items() for seed in seeds}
+    return list(variants), seeds, hard, cfgs
+
+
+def run_grid(path: Path, out: Path, sets: list[str], console=None, jobs: int = 1) -> str:
+    """Run every unfinished cell (in `jobs` processes at once), then write the table and plot."""
+    from selfplay.loop import run
+
+    variants, seeds, hard, cfgs = grid_configs(path, sets)  # every cell validated before spending compute
     out.mkdir(parents=True, exist_ok=True)
     todo = [(k, cfg) for k, cfg in cfgs.items() if _cell_summary(out / k[0] / f"seed{k[1]}") is None]
     if jobs > 1:
@@ -77,10 +82,10 @@ def run_grid(path: Path, out: Path, sets: list[str], console=None, jobs: int = 1
         d = out / name / f"seed{seed}"
         if hard and not (d / "eval_hard.json").is_file():
             _eval_hard(cfg, d, hard)
-    table = results_table(out, list(variants), seeds, hard is not None)
+    table = results_table(out, variants, seeds, hard is not None)
     (out / "results.md").write_text(table)
-    plot_grid(out, list(variants), seeds)
-    plot_proxy_truth(out, list(variants), seeds)
+    plot_grid(out, variants, seeds)
+    plot_proxy_truth(out, variants, seeds)
     return table
 
 

@@ -1,11 +1,13 @@
 """A tiny real ablation grid: equal student budgets, a table with standard errors, reused cells."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 
-from selfplay.ablate import provenance, run_grid
+from selfplay.ablate import grid_configs, provenance, run_grid
+from selfplay.config import ConfigError
 from tests.conftest import BASE
 
 
@@ -81,3 +83,25 @@ def test_provenance_flags_cells_that_ran_on_different_or_edited_code():
     assert provenance([a, edited]) == ("Code: aaaaaaaaaa; 1 of 2 cells ran with local edits "
                                        "(cells ran on different code: compare with care).")
     assert provenance([{}]) == "Code: unrecorded."  # a cell from before summaries recorded their code
+
+
+GRIDS = sorted((Path(__file__).parent.parent / "configs" / "ablations").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda p: p.stem)
+def test_every_shipped_grid_builds_a_valid_config_for_every_cell(grid):
+    # the README's results cite these files: a renamed or removed config key must fail here, not
+    # after a grid's first hours. Each cell differs from its siblings only by its own overrides and
+    # seed, and every grid fixes its budget
+    variants, seeds, _, cfgs = grid_configs(grid, [])
+    assert len(cfgs) == len(variants) * len(seeds) >= 2
+    assert all(c.max_total_flops or c.max_student_samples for c in cfgs.values())
+    assert {c.seed for c in cfgs.values()} == set(seeds)
+
+
+def test_grid_with_an_unknown_key_is_refused_before_any_cell_runs(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"variants": {"a": {"trainer.no_such_key": 1}}, "seeds": [0]}))
+    with pytest.raises(ConfigError, match="no_such_key"):
+        run_grid(path, tmp_path / "out", [])
+    assert not (tmp_path / "out").exists()

@@ -91,8 +91,7 @@ GRIDS = sorted((Path(__file__).parent.parent / "configs" / "ablations").glob("*.
 @pytest.mark.parametrize("grid", GRIDS, ids=lambda p: p.stem)
 def test_every_shipped_grid_builds_a_valid_config_for_every_cell(grid):
     # the README's results cite these files: a renamed or removed config key must fail here, not
-    # after a grid's first hours. Each cell differs from its siblings only by its own overrides and
-    # seed, and every grid fixes its budget
+    # after a grid's first hours. Every cell runs its own seed, and every grid fixes a budget
     variants, seeds, _, cfgs = grid_configs(grid, [])
     assert len(cfgs) == len(variants) * len(seeds) >= 2
     assert all(c.max_total_flops or c.max_student_samples for c in cfgs.values())

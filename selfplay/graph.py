@@ -34,8 +34,9 @@ one is async: LangGraph runs a sync route in a worker thread) and the solver all
 loop's thread, so batch membership, and with it every sample, is a function of the seed. The
 routes enforce the budgets (`hint_rounds`), so LangGraph's recursion limit is never what stops an
 episode. Token ids flow through the state with each turn (a revealed hint's ids are the
-solution's own); nothing sampled is re-tokenised. Every turn record carries its reward when the episode ends; advantages
-are added by the loop, which sees the groups that span episodes (mutations of one parent).
+solution's own); nothing sampled is re-tokenised. Every turn record carries its reward when the
+episode ends; advantages are added by the loop, which sees the groups that span episodes
+(mutations of one parent).
 
 Rewards (roles/): attempt = verifier outcome; hint = hinted success rate discounted by the revealed
 share (or the hinted group's learnability, `rewards.hint_reward`); mutate = learnability of the

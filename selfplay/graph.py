@@ -217,7 +217,9 @@ def build_graph(cfg: RunConfig, gen: Generator, prompts: Prompts, versions: dict
             if turn["kind"] == "attempt" and turn["verdict"] is None:
                 v = verify(turn["parsed"] or "", t.numbers, t.target)
                 turn = {**turn, "verdict": v.reason, "reward": TURNS["attempt"].reward(v, rw.format_credit)}
-                if relabel and v.reason == "wrong_value":
+                if r > 0 and v.solved and hindsight and cfg.trainer.hindsight_solved_hinted:  # rationalization
+                    turn["hindsight_ids"] = next(x for x in s["turns"] if unhinted_attempt(x))["prompt_ids"]
+                elif relabel and v.reason == "wrong_value":
                     turn["hindsight_ids"] = relabelled(t.numbers, v.value)
                 elif relabel and cfg.trainer.hindsight_numbers and v.reason == "bad_numbers" and v.value is not None:
                     used = used_numbers(turn)

@@ -52,6 +52,7 @@ def test_every_field_is_documented():
     (["model.backend=vllm", "generation.compile=true"], "generation.compile"),  # would compile nothing
     (["rewards.student_source=oracle"], "rewards.student_source"),
     (["trainer.hindsight_numbers=true"], "trainer.hindsight_numbers"),  # no hindsight term: would add nothing
+    (["trainer.hindsight_solved_hinted=true"], "trainer.hindsight_solved_hinted"),  # likewise
 ])
 def test_cross_field_checks_give_one_line_errors(overrides, words):
     with pytest.raises(ConfigError) as e:

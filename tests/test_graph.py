@@ -266,6 +266,34 @@ def test_hindsight_numbers_relabels_answers_that_used_other_numbers(policy):
     assert shuffled >= 1  # the prompt does not list the numbers in the answer's order every time
 
 
+def test_hindsight_solved_hinted_trains_hinted_solutions_under_the_plain_prompt(policy):
+    # Rationalization: a hinted attempt that solved gets the plain task prompt as its hindsight
+    # prompt (the same ids its unhinted group was asked with), so the row teaches the whole solution,
+    # revealed tokens included, without the hint. The same seed draws the same attempts either way.
+    from selfplay.loop import hindsight_rows
+
+    cfg = {"graph.judge": False, "graph.hint_source": "schedule", "graph.schedule_start": 0.9,
+           "trainer.hindsight_nll": 1.0}
+    tasks = generate_tasks(32, 7)
+    _, off = _run(policy, tiny_config(**cfg), tasks)
+    _, on = _run(policy, tiny_config(**cfg, **{"trainer.hindsight_solved_hinted": True}), tasks)
+    n = 0
+    for a_state, b_state in zip(off, on):
+        plain = next(a for a in b_state["turns"] if a["kind"] == "attempt" and a["hint_round"] == 0)
+        for a, b in zip(a_state["turns"], b_state["turns"]):
+            assert a["completion_ids"] == b["completion_ids"]
+            if b["kind"] == "attempt" and b["hint_round"] > 0 and b["verdict"] == "solved":
+                n += 1
+                assert not a.get("hindsight_ids") and b["hindsight_ids"] == plain["prompt_ids"]
+                assert b["forced"] > 0 and b["prompt_ids"] == plain["prompt_ids"]  # the hint is in the completion
+            else:
+                assert a.get("hindsight_ids") == b.get("hindsight_ids")
+    assert n >= 1
+    rows = [r for r, _ in hindsight_rows([a for s in on for a in s["turns"]])]
+    solved = [a for s in on for a in s["turns"] if a.get("verdict") == "solved" and a["hint_round"] > 0]
+    assert any(r.prompt_ids == a["prompt_ids"] and r.completion_ids == a["completion_ids"] for r in rows for a in solved)
+
+
 def test_hindsight_hinted_false_relabels_unhinted_attempts_only(policy):
     # The same seed draws the same attempts with either setting; only hinted attempts (whose
     # completion starts with the solver's revealed tokens) lose their relabelled prompt.

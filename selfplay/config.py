@@ -236,10 +236,9 @@ class RunConfig(Section):
             raise ValueError("curriculum.ops and eval.ops take a non-empty subset of '+-*/'")
         if self.model.backend == "vllm_server" and not self.model.servers:
             raise ValueError("model.backend=vllm_server needs model.servers, e.g. --set 'model.servers=[http://127.0.0.1:8001]'")
-        if self.trainer.hindsight_numbers and self.trainer.hindsight_nll == 0:  # it would silently change nothing
-            raise ValueError("trainer.hindsight_numbers adds rows to the hindsight term: set trainer.hindsight_nll > 0")
-        if self.trainer.hindsight_solved_hinted and self.trainer.hindsight_nll == 0:
-            raise ValueError("trainer.hindsight_solved_hinted adds rows to the hindsight term: set trainer.hindsight_nll > 0")
+        for flag in ("hindsight_numbers", "hindsight_solved_hinted"):  # either would silently change nothing
+            if getattr(self.trainer, flag) and self.trainer.hindsight_nll == 0:
+                raise ValueError(f"trainer.{flag} adds rows to the hindsight term: set trainer.hindsight_nll > 0")
         if self.generation.compile and self.model.backend != "torch":  # it would silently change nothing
             raise ValueError(f"generation.compile compiles the torch sampler; model.backend={self.model.backend} "
                              "samples elsewhere (set generation.compile=false)")

@@ -7,8 +7,8 @@ the policy-gradient normalisers (the loop sends the solved attempts of a flat hi
 such row: the hint only, `weight` = how many attempts it stands for). Hindsight rows (a failed
 attempt with a relabelled prompt whose target is the value it reached; with
 `trainer.hindsight_solved_hinted`, also a hinted attempt that solved, under the plain task prompt)
-carry no policy gradient: their whole completion gets λ_H · mean NLL over all such tokens (`trainer.hindsight_nll`). A
-KL-only row (`pg=False`: a tutor turn of a zero-variance group, kept when `trainer.tutor_kl_coef`
+carry no policy gradient: their whole completion gets λ_H · mean NLL over all such tokens
+(`trainer.hindsight_nll`). A KL-only row (`pg=False`: a tutor turn of a zero-variance group, kept when `trainer.tutor_kl_coef`
 > 0) is in the KL term only, so it pulls towards the prior without diluting the policy gradient's
 normalisers. The KL coefficient is per role: `kl_coef` (student), `tutor_kl_coef` (tutor). The NLL
 terms score their targets under the tempered distribution without the top-k filter (they were not

@@ -1,21 +1,21 @@
 """Trainer: one AdamW per adapter, one clipped-ratio GRPO update per role per iteration.
 
-Input rows come with their advantages already computed (per role x turn-kind group, see grpo.py)
-and the sampler's behaviour log-probs, which are the ratio's denominator (`old_logprobs`).
-A row whose completion is all forced tokens has no policy-gradient token and is not counted in
-the policy-gradient normalisers (the loop sends the solved attempts of a flat hinted group as one
-such row: the hint only, `weight` = how many attempts it stands for). Hindsight rows (a failed
-attempt with a relabelled prompt whose target is the value it reached; with
+Input rows come with their advantages already computed (per role x turn-kind group, see grpo.py) and
+the sampler's behaviour log-probs, which are the ratio's denominator (`old_logprobs`). A row whose
+completion is all forced tokens has no policy-gradient token and is not counted in the
+policy-gradient normalisers (the loop sends the solved attempts of a flat hinted group as one such
+row: the hint only, `weight` = how many attempts it stands for). Hindsight rows (a failed attempt
+with a relabelled prompt whose target is the value it reached; with
 `trainer.hindsight_solved_hinted`, also a hinted attempt that solved, under the plain task prompt)
 carry no policy gradient: their whole completion gets λ_H · mean NLL over all such tokens
-(`trainer.hindsight_nll`). A KL-only row (`pg=False`: a tutor turn of a zero-variance group, kept when `trainer.tutor_kl_coef`
-> 0) is in the KL term only, so it pulls towards the prior without diluting the policy gradient's
-normalisers. The KL coefficient is per role: `kl_coef` (student), `tutor_kl_coef` (tutor). The NLL
-terms score their targets under the tempered distribution without the top-k filter (they were not
-sampled, and outside the top k their sampling log-prob is -inf); the ratio uses the filtered one. Rows
-are sorted into length buckets (`micro_batches`), so a few long answers do not pad every row. A
-non-finite loss or gradient norm skips that role's update (counted in `trainer/skipped`), so a bad
-batch never corrupts an adapter.
+(`trainer.hindsight_nll`). A KL-only row (`pg=False`: a tutor turn of a zero-variance group, kept
+when `trainer.tutor_kl_coef` > 0) is in the KL term only, so it pulls towards the prior without
+diluting the policy gradient's normalisers. The KL coefficient is per role: `kl_coef` (student),
+`tutor_kl_coef` (tutor). The NLL terms score their targets under the tempered distribution without
+the top-k filter (they were not sampled, and outside the top k their sampling log-prob is -inf); the
+ratio uses the filtered one. Rows are sorted into length buckets (`micro_batches`), so a few long
+answers do not pad every row. A non-finite loss or gradient norm skips that role's update (counted
+in `trainer/skipped`), so a bad batch never corrupts an adapter.
 """
 
 from __future__ import annotations

@@ -266,17 +266,21 @@ def test_hindsight_numbers_relabels_answers_that_used_other_numbers(policy):
     assert shuffled >= 1  # the prompt does not list the numbers in the answer's order every time
 
 
+def _hindsight_pair(policy, schedule_start: float, flags: dict):
+    """Episodes of 32 tasks with schedule hints and hindsight, without and with `flags` (one seed)."""
+    cfg = {"graph.judge": False, "graph.hint_source": "schedule", "graph.schedule_start": schedule_start,
+           "trainer.hindsight_nll": 1.0}
+    tasks = generate_tasks(32, 7)
+    return _run(policy, tiny_config(**cfg), tasks)[1], _run(policy, tiny_config(**cfg, **flags), tasks)[1]
+
+
 def test_hindsight_solved_hinted_trains_hinted_solutions_under_the_plain_prompt(policy):
     # Rationalization: a hinted attempt that solved gets the plain task prompt as its hindsight
     # prompt (the same ids its unhinted group was asked with), so the row teaches the whole solution,
     # revealed tokens included, without the hint. The same seed draws the same attempts either way.
     from selfplay.loop import hindsight_rows
 
-    cfg = {"graph.judge": False, "graph.hint_source": "schedule", "graph.schedule_start": 0.9,
-           "trainer.hindsight_nll": 1.0}
-    tasks = generate_tasks(32, 7)
-    _, off = _run(policy, tiny_config(**cfg), tasks)
-    _, on = _run(policy, tiny_config(**cfg, **{"trainer.hindsight_solved_hinted": True}), tasks)
+    off, on = _hindsight_pair(policy, 0.9, {"trainer.hindsight_solved_hinted": True})
     n = 0
     for a_state, b_state in zip(off, on):
         plain = next(a for a in b_state["turns"] if a["kind"] == "attempt" and a["hint_round"] == 0)
@@ -297,11 +301,7 @@ def test_hindsight_solved_hinted_trains_hinted_solutions_under_the_plain_prompt(
 def test_hindsight_hinted_false_relabels_unhinted_attempts_only(policy):
     # The same seed draws the same attempts with either setting; only hinted attempts (whose
     # completion starts with the solver's revealed tokens) lose their relabelled prompt.
-    cfg = {"graph.judge": False, "graph.hint_source": "schedule", "graph.schedule_start": 0.5,
-           "trainer.hindsight_nll": 1.0}
-    tasks = generate_tasks(32, 7)
-    _, on = _run(policy, tiny_config(**cfg), tasks)
-    _, off = _run(policy, tiny_config(**cfg, **{"trainer.hindsight_hinted": False}), tasks)
+    on, off = _hindsight_pair(policy, 0.5, {"trainer.hindsight_hinted": False})
     turns_on = [a for s in on for a in s["turns"] if a["kind"] == "attempt"]
     turns_off = [a for s in off for a in s["turns"] if a["kind"] == "attempt"]
     assert [a["completion_ids"] for a in turns_on] == [a["completion_ids"] for a in turns_off]

@@ -11,15 +11,11 @@ import torch
 
 
 def setup(threads: int = 2, sets: list[str] = ()):
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
     from selfplay.config import load_config
-
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
     from selfplay.policy import Policy
+    from selfplay.reporting import quiet_libraries
+
+    quiet_libraries()
 
     torch.set_num_threads(threads)
     cfg = load_config(None, [f"model.threads={threads}", *sets])

@@ -279,12 +279,9 @@ def mem_export(run: Optional[Path] = typer.Option(None, "--run", help="Run dir (
 
 
 def main() -> None:
-    import warnings
+    from selfplay.reporting import quiet_libraries
 
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet_libraries()
     app()
 
 

@@ -16,6 +16,28 @@ from rich.table import Table
 from selfplay.config import RunConfig
 
 
+def quiet_libraries() -> None:
+    """No "Loading weights" bar on every model load and no library FutureWarnings (peft asks
+    transformers for a deprecated attribute on every adapter load): each process of a run calls
+    it, the learner included, since a spawned process starts with the default filters."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def shutdown_compile_workers() -> None:
+    """Stop torch.compile's compile-worker pool if this process started one (`trainer.compile`,
+    `generation.compile`): left running, its semaphores outlive the process and Python warns
+    "leaked semaphore objects" at exit."""
+    import sys
+
+    if "torch._inductor.async_compile" in sys.modules:
+        sys.modules["torch._inductor.async_compile"].shutdown_compile_workers()
+
+
 def code_version() -> dict:
     """What code this process runs: the package version and, from a git checkout (an editable
     install), the last commit that changed the code (selfplay/, roles/, prompts/, pyproject.toml:

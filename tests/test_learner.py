@@ -103,3 +103,21 @@ def test_lagged_run_trains_the_tutor_in_the_main_process_and_resumes_exactly(bas
     tutor = _versions(tmp_path / "whole" / "memory.db", "tutor")
     assert tutor[1] == 0 and tutor[4] >= 2, tutor  # the tutor was trained, and its weights reached the graph
     assert _resumed(sets, tmp_path / "part", 2, 4) == _turns(tmp_path / "whole" / "memory.db", 3)
+
+
+def test_a_lagged_cli_run_prints_no_library_noise_from_its_learner(base_path, tmp_path):
+    # the learner is a spawned process: it starts with Python's default warning filters and
+    # transformers' progress bars on, so before it quieted them itself every lagged run printed a
+    # "Loading weights" bar and peft's FutureWarning after the main process had silenced both
+    import subprocess
+    import sys
+
+    from tests.conftest import cli_sets
+
+    sets = cli_sets(**{"iterations": 2, "trainer.policy_lag": 1, "eval.n_tasks": 4, "eval.samples": 1,
+                       "eval.judge_attempts": 0, "curriculum.episodes_per_iter": 4, "logging.log_every": 1})
+    r = subprocess.run([sys.executable, "-m", "selfplay.cli", "run", "--out", str(tmp_path / "run"), *sets],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [x.split(" | ")[0] for x in r.stderr.splitlines() if x.startswith("iter ")] == ["iter 1/2", "iter 2/2"]
+    assert "Loading weights" not in r.stderr and "Warning" not in r.stderr, r.stderr[-3000:]

@@ -130,7 +130,7 @@ def serve(cfg: RunConfig, base_path: str, threads: int, conn) -> None:
     from pathlib import Path
 
     from selfplay.policy import Policy
-    from selfplay.reporting import quiet_libraries, shutdown_compile_workers
+    from selfplay.reporting import quiet_libraries
     from selfplay.trainer import Trainer
 
     quiet_libraries()
@@ -144,7 +144,6 @@ def serve(cfg: RunConfig, base_path: str, threads: int, conn) -> None:
         except (EOFError, KeyboardInterrupt):  # the main process is gone
             return
         if kind == "stop":
-            shutdown_compile_workers()
             return
         try:
             if kind == "step":

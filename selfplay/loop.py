@@ -48,7 +48,7 @@ from selfplay.graph import build_graph, episode_input, run_episodes, unhinted_at
 from selfplay.learner import Learner, adapter_vectors, load_adapter_vectors
 from selfplay.policy import Policy
 from selfplay.prompts import Prompts
-from selfplay.reporting import parting_iteration, read_metrics, shutdown_compile_workers
+from selfplay.reporting import parting_iteration, read_metrics
 from selfplay.trainer import Row, Trainer
 
 
@@ -331,7 +331,6 @@ class SelfPlay:
             self.learner.close()
         self.backend.close()
         self.loop.close()
-        shutdown_compile_workers()
 
 
 def hindsight_rows(turns: list[dict]) -> list[tuple[Row, str]]:

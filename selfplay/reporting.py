@@ -17,25 +17,21 @@ from selfplay.config import RunConfig
 
 
 def quiet_libraries() -> None:
-    """No "Loading weights" bar on every model load and no library FutureWarnings (peft asks
-    transformers for a deprecated attribute on every adapter load): each process of a run calls
-    it, the learner included, since a spawned process starts with the default filters."""
+    """No "Loading weights" bar on every model load, no library FutureWarnings (peft asks
+    transformers for a deprecated attribute on every adapter load), no leaked-semaphore warning
+    at exit: each process of a run calls it, the learner included, since a spawned process starts
+    with the default filters."""
+    import threading
     import warnings
 
+    from tqdm import tqdm
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
-
-
-def shutdown_compile_workers() -> None:
-    """Stop torch.compile's compile-worker pool if this process started one (`trainer.compile`,
-    `generation.compile`): left running, its semaphores outlive the process and Python warns
-    "leaked semaphore objects" at exit."""
-    import sys
-
-    if "torch._inductor.async_compile" in sys.modules:
-        sys.modules["torch._inductor.async_compile"].shutdown_compile_workers()
+    # tqdm's default lock is a multiprocessing semaphore that torch.compile's (hidden) progress bar
+    # creates and nothing releases: "leaked semaphore objects" at exit. No bar here spans processes.
+    tqdm.set_lock(threading.RLock())
 
 
 def code_version() -> dict:

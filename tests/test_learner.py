@@ -3,6 +3,8 @@ lagged run samples one update behind except after a checkpoint, and resuming it 
 
 import random
 import sqlite3
+import subprocess
+import sys
 
 import torch
 import yaml
@@ -11,7 +13,7 @@ from selfplay.learner import Learner, adapter_vectors
 from selfplay.loop import run
 from selfplay.policy import Policy
 from selfplay.trainer import Row, Trainer
-from tests.conftest import tiny_config
+from tests.conftest import cli_sets, tiny_config
 from tests.test_loop import EASY
 
 
@@ -109,11 +111,6 @@ def test_a_lagged_cli_run_prints_no_library_noise_from_its_learner(base_path, tm
     # the learner is a spawned process: it starts with Python's default warning filters and
     # transformers' progress bars on, so before it quieted them itself every lagged run printed a
     # "Loading weights" bar and peft's FutureWarning after the main process had silenced both
-    import subprocess
-    import sys
-
-    from tests.conftest import cli_sets
-
     sets = cli_sets(**{"iterations": 2, "trainer.policy_lag": 1, "eval.n_tasks": 4, "eval.samples": 1,
                        "eval.judge_attempts": 0, "curriculum.episodes_per_iter": 4, "logging.log_every": 1})
     r = subprocess.run([sys.executable, "-m", "selfplay.cli", "run", "--out", str(tmp_path / "run"), *sets],

@@ -9,7 +9,8 @@ generation and training: equal compute) or `max_student_samples` (hinted attempt
 Results are reported at the end of each cell and, by interpolating each cell's eval curve, at the
 largest total-FLOPs budget every cell reached. The environment's solver time is reported beside
 (it is CPU work outside the model). Cells with a summary.json are reused; a cell dir without one
-is resumed.
+is resumed. `--only VARIANT[:SEED]` runs some cells (the rest on another machine, or later); the
+table is written once every cell has finished.
 """
 
 from __future__ import annotations
@@ -64,13 +65,28 @@ def grid_configs(path: Path, sets: list[str]) -> tuple[list[str], list[int], dic
     return list(variants), seeds, hard, cfgs
 
 
-def run_grid(path: Path, out: Path, sets: list[str], console=None, jobs: int = 1) -> str:
-    """Run every unfinished cell (in `jobs` processes at once), then write the table and plot."""
+def pick_cells(only: list[str], variants: list[str], seeds: list[int]) -> set[tuple[str, int]]:
+    """The cells named by `--only` values, each VARIANT (all its seeds) or VARIANT:SEED."""
+    cells = set()
+    for x in only:
+        name, _, seed = x.partition(":")
+        if name not in variants or (seed and not (seed.isdigit() and int(seed) in seeds)):
+            raise ConfigError(f"--only {x}: no such cell (variants: {', '.join(variants)}; "
+                              f"seeds: {', '.join(map(str, seeds))})")
+        cells |= {(name, int(seed))} if seed else {(name, s) for s in seeds}
+    return cells
+
+
+def run_grid(path: Path, out: Path, sets: list[str], console=None, jobs: int = 1, only: list[str] = ()) -> str:
+    """Run every unfinished cell (in `jobs` processes at once), or those of them named by `only`
+    (another machine may run the rest into a copy of `out`), then write the table and plot once
+    every cell is finished."""
     from selfplay.loop import run
 
     variants, seeds, hard, cfgs = grid_configs(path, sets)  # every cell validated before spending compute
+    picked = pick_cells(only, variants, seeds) if only else set(cfgs)
     out.mkdir(parents=True, exist_ok=True)
-    todo = [(k, cfg) for k, cfg in cfgs.items() if _cell_summary(out / k[0] / f"seed{k[1]}") is None]
+    todo = [(k, cfg) for k, cfg in cfgs.items() if k in picked and _cell_summary(out / k[0] / f"seed{k[1]}") is None]
     if jobs > 1:
         _run_parallel([(out / n / f"seed{s}", cfg) for (n, s), cfg in todo], jobs, console)
     for (name, seed), cfg in todo if jobs == 1 else []:
@@ -80,8 +96,11 @@ def run_grid(path: Path, out: Path, sets: list[str], console=None, jobs: int = 1
         run(cfg, d, resume=(d / "config.yaml").is_file(), console=console)
     for (name, seed), cfg in cfgs.items():
         d = out / name / f"seed{seed}"
-        if hard and not (d / "eval_hard.json").is_file():
+        if hard and _cell_summary(d) is not None and not (d / "eval_hard.json").is_file():
             _eval_hard(cfg, d, hard)
+    left = [f"{n}:{s}" for n, s in cfgs if _cell_summary(out / n / f"seed{s}") is None]
+    if left:
+        return f"{len(cfgs) - len(left)} of {len(cfgs)} cells finished; the table waits for {', '.join(left)}\n"
     table = results_table(out, variants, seeds, hard is not None)
     (out / "results.md").write_text(table)
     plot_grid(out, variants, seeds)

@@ -75,6 +75,24 @@ def test_parallel_cells_stop_at_an_equal_flop_budget(base_path, tmp_path):
         assert (d / "run.log").is_file()
 
 
+def test_only_runs_the_named_cells_and_the_table_waits_for_the_rest(base_path, tmp_path):
+    spec = {**BASE, "iterations": 50, "max_student_samples": 16,
+            "eval": {"n_tasks": 4, "samples": 1, "judge_attempts": 0}, "curriculum": {"episodes_per_iter": 2},
+            "variants": {"plain": {"graph.hint": False, "graph.mutate": False, "graph.judge": False}, "tutor": {}},
+            "seeds": [0, 1]}
+    spec["logging"] = {**BASE["logging"], "tensorboard": False, "plot": False}
+    path, out = tmp_path / "grid.yaml", tmp_path / "out"
+    path.write_text(yaml.safe_dump(spec))
+    for bad in ("nope", "plain:2", "plain:x"):  # refused before any cell runs
+        with pytest.raises(ConfigError, match=f"--only {bad}: no such cell"):
+            run_grid(path, out, [], only=[bad])
+    assert not out.exists()
+    msg = run_grid(path, out, [], only=["plain:1"])
+    assert msg == "1 of 4 cells finished; the table waits for plain:0, tutor:0, tutor:1\n"
+    assert [p.relative_to(out).parent.as_posix() for p in out.glob("*/*/summary.json")] == ["plain/seed1"]
+    assert not (out / "results.md").exists()
+
+
 def test_provenance_flags_cells_that_ran_on_different_or_edited_code():
     a, b = {"code": {"version": "0.1.0", "commit": "a" * 40, "dirty": False}}, {"code": {"version": "0.1.0", "commit": "b" * 40}}
     assert provenance([a, a]) == "Code: aaaaaaaaaa."

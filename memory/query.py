@@ -65,11 +65,15 @@ def episode(db: Database, episode_id: str) -> tuple[dict | None, list[dict]]:
     return (rows[0] if rows else None), turns
 
 
-def stats(db: Database) -> dict:
+def stats(db: Database, spans: int = 20) -> dict:
+    """Counts, and per role and turn kind the turns, mean reward and solve rate over at most `spans`
+    equal spans of iterations (0: every iteration; a 16x run has 5,000 of them)."""
     count = lambda t: db.execute(f"select count(*) from {t}").fetchone()[0]  # noqa: E731
-    by_iter = list(db.query("""
-        select iteration, role, kind, count(*) as turns, avg(reward) as mean_reward,
-               avg(case when verdict = 'solved' then 1.0 else 0.0 end) as solve_rate
-        from turns group by iteration, role, kind order by iteration, role, kind"""))
+    last = db.execute("select max(iteration) from turns").fetchone()[0] or 0
+    width = max(1, -(-last // spans)) if spans > 0 else 1  # iterations per span (ceil)
+    by_span = list(db.query("""
+        select min(iteration) as first, max(iteration) as last, role, kind, count(*) as turns,
+               avg(reward) as mean_reward, avg(case when verdict = 'solved' then 1.0 else 0.0 end) as solve_rate
+        from turns group by (iteration - 1) / ?, role, kind order by first, role, kind""", [width]))
     return {"runs": count("runs"), "iterations": count("iterations"), "tasks": count("tasks"),
-            "episodes": count("episodes"), "turns": count("turns"), "by_iteration": by_iter}
+            "episodes": count("episodes"), "turns": count("turns"), "by_span": by_span}

@@ -185,20 +185,23 @@ def _ro(run: Optional[Path]):
 
 
 @mem.command("stats")
-def mem_stats(run: Optional[Path] = typer.Option(None, "--run", help="Run dir (default: latest).")):
-    """Counts and solve rates by iteration and role."""
+def mem_stats(run: Optional[Path] = typer.Option(None, "--run", help="Run dir (default: latest)."),
+              spans: int = typer.Option(20, min=0, help="Rows per role and turn kind: equal spans of iterations "
+                                                         "(0: one per iteration).")):
+    """Counts and solve rates by span of iterations and role."""
     from memory.query import stats
 
     try:
-        s = stats(_ro(run))
+        s = stats(_ro(run), spans)
     except USER_ERRORS as e:
         _fail(str(e))
     from rich.table import Table
 
     print(f"runs {s['runs']}  iterations {s['iterations']}  tasks {s['tasks']}  episodes {s['episodes']}  turns {s['turns']}")
-    t = Table("iteration", "role", "kind", "turns", "mean reward", "solve rate")
-    for r in s["by_iteration"]:
-        t.add_row(str(r["iteration"]), r["role"], r["kind"], str(r["turns"]), f"{r['mean_reward']:.3f}",
+    t = Table("iterations", "role", "kind", "turns", "mean reward", "solve rate")
+    for r in s["by_span"]:
+        its = str(r["first"]) if r["first"] == r["last"] else f"{r['first']}-{r['last']}"
+        t.add_row(its, r["role"], r["kind"], str(r["turns"]), "" if r["mean_reward"] is None else f"{r['mean_reward']:.3f}",
                   f"{r['solve_rate']:.3f}" if r["kind"] == "attempt" else "")
     Console().print(t)
 

@@ -102,6 +102,19 @@ def test_truncate_after_restores_a_replayed_tasks_counts_in_work_that_does_not_g
     assert steps[100] < 10 * steps[10], steps  # 10x the run: linear at most, not quadratic
 
 
+def test_stats_sum_a_long_run_into_spans_of_iterations(tmp_path):
+    from memory.query import open_readonly, stats
+
+    _store_of(tmp_path / "memory.db", 5, replay="t1.0").close()
+    db = open_readonly(tmp_path / "memory.db")
+    # 5 iterations in 2 spans of ceil(5/2) = 3: iterations 1-3 hold 3 x 40 attempts, 1 in 4 solved
+    # (0.25); 4-5 hold 2 x 40 + the replay's 4, all 4 solved: (20 + 4) / 84 = 0.2857
+    rows = [(r["first"], r["last"], r["turns"], round(r["solve_rate"], 4)) for r in stats(db, 2)["by_span"]]
+    assert rows == [(1, 3, 120, 0.25), (4, 5, 84, 0.2857)]
+    assert [(r["first"], r["last"], r["turns"]) for r in stats(db, 0)["by_span"]] == [(i, i, 40 + 4 * (i == 5)) for i in range(1, 6)]
+    assert len(stats(db)["by_span"]) == 5  # fewer iterations than spans: one row each
+
+
 def test_write_through_sql_is_refused_and_store_unchanged(run_dir):
     before = cli("memory", "sql", "--run", run_dir, "select count(*) from episodes").stdout.strip()
     r = cli("memory", "sql", "--run", run_dir, "DELETE FROM episodes")
@@ -123,8 +136,8 @@ def test_sql_cannot_attach_vacuum_into_or_create_files(run_dir, tmp_path, query,
 
 
 def test_stats_show_search_export(run_dir, tmp_path):
-    r = cli("memory", "stats", "--run", run_dir)
-    assert r.returncode == 0 and "episodes 8" in r.stdout
+    r = cli("memory", "stats", "--run", run_dir, "--spans", "1")
+    assert r.returncode == 0 and "episodes 8" in r.stdout and "1-2" in r.stdout  # both iterations in one span
     r = cli("memory", "show", "--run", run_dir, "1.0")
     assert r.returncode == 0 and "student:attempt" in r.stdout
     assert cli("memory", "show", "--run", run_dir, "nope").returncode == 2

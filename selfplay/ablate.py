@@ -111,7 +111,8 @@ def run_grid(path: Path, out: Path, sets: list[str], console=None, jobs: int = 1
 def _run_parallel(cells: list[tuple[Path, object]], jobs: int, console=None) -> None:
     """Each cell in its own `selfplay run --resume DIR` process (its config.yaml written first; a
     fresh dir resumes from iteration 0), with model.threads as configured, at most `jobs` processes
-    at once: a policy_lag 1 cell counts two (its learner is a second process)."""
+    at once: a policy_lag 1 cell counts two (its learner is a second process). A failed cell is
+    reported once the others have finished."""
     import subprocess
     import sys
     import time
@@ -124,6 +125,7 @@ def _run_parallel(cells: list[tuple[Path, object]], jobs: int, console=None) -> 
     def busy() -> int:
         return sum(n for *_, n in procs)
 
+    failed = []
     while pending or procs:
         while pending and (not procs or busy() + 1 + pending[0][1].trainer.policy_lag <= jobs):
             d, cfg = pending.pop(0)
@@ -141,8 +143,10 @@ def _run_parallel(cells: list[tuple[Path, object]], jobs: int, console=None) -> 
             if p.poll() is not None:
                 log.close()
                 procs.remove(item)
-                if p.returncode != 0:
-                    raise RuntimeError(f"cell {d} failed (exit {p.returncode}); see {d / 'run.log'}")
+                if p.returncode != 0:  # the other cells go on: stopping here would orphan them
+                    failed.append(f"cell {d} failed (exit {p.returncode}); see {d / 'run.log'}")
+    if failed:
+        raise RuntimeError("; ".join(failed))
 
 
 def _eval_hard(cfg, d: Path, hard: dict) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import shutil
 import time
@@ -86,6 +87,42 @@ def prepare_dir(out: Path, cfg: RunConfig | None, resume: bool) -> RunConfig:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return cfg
+
+
+_held: dict[Path, object] = {}  # run dir -> its open lock file, held until the process exits
+
+
+def lock_run_dir(out: Path) -> None:
+    """One process per run dir: two (a `--resume` while the run goes on, an ablation restarted
+    beside its still-running cells) would interleave iterations in one episode store and truncate
+    each other's writes. An exclusive flock on DIR/.lock, released by the OS when the process
+    ends, however it ends (kill -9 included). No-op where fcntl is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    out = out.resolve()
+    if out in _held:
+        return
+    fh = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        pid = fh.read().strip() or "?"
+        fh.close()
+        raise RunError(f"{out} is in use by another selfplay process (pid {pid}); wait for it to end or stop it")
+    fh.truncate(0)
+    fh.write(str(os.getpid()))
+    fh.flush()
+    _held[out] = fh
+
+
+def unlock_run_dir(out: Path) -> None:
+    """Release `lock_run_dir`'s lock (a finished run; a notebook that ran it may live on)."""
+    fh = _held.pop(out.resolve(), None)
+    if fh is not None:
+        fh.close()
 
 
 class SelfPlay:
@@ -424,6 +461,10 @@ def run(cfg: RunConfig | None, out: Path, resume: bool = False, console=None, qu
     lead = dist.rank() == 0
     try:
         if lead:
+            if not resume:
+                out.mkdir(parents=True, exist_ok=True)
+            if not resume or (out / "config.yaml").is_file():  # before the dir is checked or written
+                lock_run_dir(out)
             cfg = prepare_dir(out, cfg, resume)
             ensure_base(cfg)  # once, before the other ranks load it
         shared = dist.broadcast((cfg, None))
@@ -489,6 +530,7 @@ def run(cfg: RunConfig | None, out: Path, resume: bool = False, console=None, qu
     summary = dist.broadcast(summary)
     sp.close()
     dist.shutdown()
+    unlock_run_dir(out)
     return summary
 
 

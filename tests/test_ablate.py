@@ -93,6 +93,27 @@ def test_only_runs_the_named_cells_and_the_table_waits_for_the_rest(base_path, t
     assert not (out / "results.md").exists()
 
 
+def test_a_failed_parallel_cell_is_reported_after_the_others_finish(base_path, tmp_path):
+    from selfplay.loop import lock_run_dir, unlock_run_dir
+
+    spec = {**BASE, "iterations": 2, "eval": {"n_tasks": 4, "samples": 1, "judge_attempts": 0},
+            "curriculum": {"episodes_per_iter": 2},
+            "variants": {"a": {"graph.hint": False}, "b": {"graph.hint": False, "trainer.lr": 1e-4}}, "seeds": [0]}
+    spec["logging"] = {**BASE["logging"], "tensorboard": False, "plot": False}
+    path, out = tmp_path / "grid.yaml", tmp_path / "out"
+    path.write_text(yaml.safe_dump(spec))
+    (out / "a" / "seed0").mkdir(parents=True)
+    lock_run_dir(out / "a" / "seed0")  # cell a is "still running" elsewhere: its process fails at once
+    try:
+        with pytest.raises(RuntimeError, match=r"cell .*a/seed0 failed \(exit 2\)"):
+            run_grid(path, out, [], jobs=2)
+    finally:
+        unlock_run_dir(out / "a" / "seed0")
+    assert "in use by another selfplay process" in (out / "a" / "seed0" / "run.log").read_text()
+    assert (out / "b" / "seed0" / "summary.json").is_file()  # the other cell ran to its end
+    assert not (out / "a" / "seed0" / "memory.db").exists()
+
+
 def test_provenance_flags_cells_that_ran_on_different_or_edited_code():
     a, b = {"code": {"version": "0.1.0", "commit": "a" * 40, "dirty": False}}, {"code": {"version": "0.1.0", "commit": "b" * 40}}
     assert provenance([a, a]) == "Code: aaaaaaaaaa."

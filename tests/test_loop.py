@@ -40,8 +40,11 @@ def test_short_plain_grpo_run_learns_the_easy_set(base_path, tmp_path):
 
 
 def test_full_tutor_iteration_writes_memory(base_path, tmp_path):
+    from selfplay.loop import _held
+
     cfg = tiny_config(**{"iterations": 2, "graph.hint_rounds": 1, "eval.n_tasks": 8})
     run(cfg, tmp_path / "run")
+    assert (tmp_path / "run").resolve() not in _held  # a finished run releases its dir's lock
     db = open_readonly(tmp_path / "run" / "memory.db")
     cols, rows = sql(db, "select kind, count(*) from turns group by kind")
     kinds = dict(rows)
@@ -79,6 +82,24 @@ def _episodes(db_path):
         return (0, 0, 0)
     finally:
         con.close()
+
+
+def test_a_run_dir_in_use_is_refused_with_one_line(tmp_path):
+    from selfplay.loop import lock_run_dir, prepare_dir, unlock_run_dir
+
+    out = tmp_path / "run"
+    prepare_dir(out, tiny_config(), resume=False)  # a run dir, as a starting run leaves it
+    lock_run_dir(out)  # this process holds it, as a running `selfplay run` does
+    try:
+        for args in (("--resume", out), ("--out", out)):
+            r = subprocess.run([sys.executable, "-m", "selfplay.cli", "run", *map(str, args), "--quiet"],
+                               capture_output=True, text=True, timeout=120)
+            assert r.returncode == 2 and f"in use by another selfplay process (pid {os.getpid()})" in r.stderr, r.stderr
+            assert "Traceback" not in r.stderr and not (out / "memory.db").exists()
+    finally:
+        unlock_run_dir(out)
+    lock_run_dir(out)  # released: free again (kill -9 releases it too: the test below resumes after one)
+    unlock_run_dir(out)
 
 
 def test_kill_9_then_resume_loses_and_duplicates_nothing(base_path, tmp_path):

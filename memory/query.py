@@ -10,7 +10,11 @@ database") and changes nothing.
 
 from __future__ import annotations
 
+import json
+import os
 import sqlite3
+import sys
+from itertools import islice
 from pathlib import Path
 
 from sqlite_utils import Database
@@ -77,3 +81,43 @@ def stats(db: Database, spans: int = 20) -> dict:
         from turns group by (iteration - 1) / ?, role, kind order by first, role, kind""", [width]))
     return {"runs": count("runs"), "iterations": count("iterations"), "tasks": count("tasks"),
             "episodes": count("episodes"), "turns": count("turns"), "by_span": by_span}
+
+
+def export(db: Database, table: str, fmt: str, out: Path | None, batch: int = 50_000) -> int:
+    """Write `table` as JSONL (to `out`, or stdout) or parquet (to `out`, default TABLE.parquet),
+    streamed: a 16x run's 764k turns once took 2 GB of memory as one list. Columns keep SQLite's
+    declared types (parquet: INTEGER int64, REAL float64, the rest strings), so a column that is
+    empty in the first batch is typed like the rest. A file is written to a .part name and renamed
+    when complete. Returns the rows written."""
+    if table not in db.table_names():
+        raise ValueError(f"no table {table!r}")
+    if fmt not in ("jsonl", "parquet"):
+        raise ValueError(f"unknown format {fmt!r} (jsonl or parquet)")
+    if fmt == "parquet":
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError("parquet export needs pyarrow: pip install 'selfplay[parquet]'") from None
+        out = out or Path(f"{table}.parquet")
+    rows, n = db[table].rows, 0
+    part = None if out is None else out.with_name(out.name + ".part")
+    if fmt == "jsonl":
+        fh = sys.stdout if part is None else open(part, "w")
+        try:
+            for r in rows:
+                fh.write(json.dumps(r) + "\n")
+                n += 1
+        finally:
+            if fh is not sys.stdout:
+                fh.close()
+    else:
+        types = {"INTEGER": pa.int64(), "REAL": pa.float64(), "FLOAT": pa.float64()}
+        schema = pa.schema([(c.name, types.get(c.type.upper(), pa.string())) for c in db[table].columns])
+        with pq.ParquetWriter(str(part), schema) as w:
+            while chunk := list(islice(rows, batch)):
+                w.write_table(pa.Table.from_pylist(chunk, schema=schema))
+                n += len(chunk)
+    if part is not None:
+        os.replace(part, out)
+    return n

@@ -261,24 +261,11 @@ def mem_export(run: Optional[Path] = typer.Option(None, "--run", help="Run dir (
                format: str = typer.Option("jsonl", help="jsonl or parquet."),
                table: str = typer.Option("turns", help="Table to export."),
                out: Optional[Path] = typer.Option(None, help="Output file (default: stdout for jsonl).")):
-    """Export a table as JSONL (or parquet, with pyarrow installed)."""
+    """Export a table as JSONL (or parquet, with pyarrow installed), streamed."""
+    from memory.query import export
+
     try:
-        db = _ro(run)
-        if table not in db.table_names():
-            raise ValueError(f"no table {table!r}")
-        rows = list(db[table].rows)
-        if format == "jsonl":
-            text = "".join(json.dumps(r) + "\n" for r in rows)
-            out.write_text(text) if out else sys.stdout.write(text)
-        elif format == "parquet":
-            try:
-                import pyarrow as pa
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise ValueError("parquet export needs pyarrow: pip install 'selfplay[parquet]'") from None
-            pq.write_table(pa.Table.from_pylist(rows), str(out or Path(f"{table}.parquet")))
-        else:
-            raise ValueError(f"unknown format {format!r} (jsonl or parquet)")
+        export(_ro(run), table, format, out)
     except USER_ERRORS as e:
         _fail(str(e))
 

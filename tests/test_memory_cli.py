@@ -147,6 +147,13 @@ def test_stats_show_search_export(run_dir, tmp_path):
     assert cli("memory", "export", "--run", run_dir, "--format", "jsonl", "--out", out).returncode == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows and {"role", "kind", "reward", "advantage"} <= set(rows[0])
+    pq = pytest.importorskip("pyarrow.parquet")  # CI installs the parquet extra
+    assert cli("memory", "export", "--run", run_dir, "--format", "parquet", "--out", tmp_path / "t.parquet").returncode == 0
+    t = pq.read_table(tmp_path / "t.parquet")
+    assert t.num_rows == len(rows) and t.column("id").to_pylist() == [r["id"] for r in rows]
+    # typed from the store's schema, not from the values: the judge share is empty in a verifier-paid run
+    assert str(t.schema.field("judge").type) == "double" and t.column("judge").null_count == len(rows)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["t.parquet", "turns.jsonl"]  # no .part left
 
 
 def test_eval_json_and_user_errors(run_dir, tmp_path):

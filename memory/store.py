@@ -70,8 +70,9 @@ def m003_judge(db: Database) -> None:
 @migrations()
 def m004_episode_task_index(db: Database) -> None:
     """episodes(task_id): the resume's recount of a task's statistics looks its episodes up by task.
-    Without it the recount scanned every episode once per task: a 16x run's resume (43k tasks)
-    spent over 10 minutes of a core in it before its first iteration."""
+    Without it the recount scanned every episode once per task: a 16x run's resume (43,856 tasks
+    and episodes, 695k turns) was still in it after 13 minutes of a core; now 1.0 s to build this
+    index once and 0.65 s to truncate (`truncate_after`)."""
     db["episodes"].create_index(["task_id"], if_not_exists=True)
 
 

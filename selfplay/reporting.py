@@ -36,7 +36,7 @@ def quiet_libraries() -> None:
 
 def code_version() -> dict:
     """What code this process runs: the package version and, from a git checkout (an editable
-    install), the last commit that changed the code (selfplay/, roles/, prompts/, pyproject.toml:
+    install), the last commit that changed the code (selfplay/, roles/, memory/, prompts/, pyproject.toml:
     a commit of results or configs alone leaves it, as a run's config is saved beside it) and
     whether those files differ from it (`dirty`). A grid's cells each record it: a cell started
     while the checkout was being edited imports the edited code."""
@@ -49,7 +49,7 @@ def code_version() -> dict:
         return out
     try:
         git = ["git", "-C", str(root)]
-        code = ["--", "selfplay", "roles", "prompts", "pyproject.toml"]
+        code = ["--", "selfplay", "roles", "memory", "prompts", "pyproject.toml"]
         head = subprocess.run([*git, "log", "-1", "--format=%H", *code], capture_output=True, text=True, timeout=30)
         status = subprocess.run([*git, "status", "--porcelain", *code], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):  # no git on the machine

@@ -214,13 +214,13 @@ def mem_sql(query: str, run: Optional[Path] = typer.Option(None, "--run", help="
 
     try:
         cols, rows = sql(_ro(run), query)
+        for r in rows:  # streamed: a row is printed as soon as SQLite reads it
+            print(json.dumps(dict(zip(cols, r))) if as_json else "\t".join(map(str, r)))
     except sqlite3.DatabaseError as e:
         refused = any(w in str(e) for w in ("readonly", "not authorized", "authorization denied"))
         _fail(f"{e}: the episode store is read-only (reading statements only)" if refused else str(e))
     except USER_ERRORS as e:
         _fail(str(e))
-    for r in rows:
-        print(json.dumps(dict(zip(cols, r))) if as_json else "\t".join(map(str, r)))
 
 
 @mem.command("search")

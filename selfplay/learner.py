@@ -104,13 +104,17 @@ class Learner:
 
     def close(self) -> None:
         if self.proc.is_alive():
-            try:
+            try:  # a pending update's reply first: one larger than the pipe's buffer blocks the learner's send,
+                if self.pending and self.conn.poll(30):  # and it would never read the stop (a run that raised)
+                    self.conn.recv()
                 self.conn.send(("stop", {}))
-            except (BrokenPipeError, OSError):
+            except (EOFError, OSError):  # BrokenPipeError included
                 pass
             self.proc.join(timeout=10)
         if self.proc.is_alive():
             self.proc.kill()
+            self.proc.join()  # reaped: no zombie in a notebook that lives on
+        self.pending = False
         self.conn.close()
 
 

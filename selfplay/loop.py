@@ -368,6 +368,8 @@ class SelfPlay:
             self.learner.close()
         self.backend.close()
         self.loop.close()
+        if self.store:
+            self.store.close()
 
 
 def hindsight_rows(turns: list[dict]) -> list[tuple[Row, str]]:
@@ -453,12 +455,20 @@ def _turn_metrics(turns: list[dict]) -> dict[str, float]:
 def run(cfg: RunConfig | None, out: Path, resume: bool = False, console=None, quiet: bool = False) -> dict:
     """`selfplay run`: train, evaluating before and after; returns the summary. Under torchrun every
     rank calls it; rank 0 prepares the directory, builds the base, evaluates, logs and checkpoints."""
-    from selfplay.policy import ensure_base
-    from selfplay.reporting import Progress, RunLogger, code_version
+    from selfplay.reporting import code_version
 
     code = code_version()  # at the start: the code this process imported (a cell started mid-edit has the edit)
     dist.init((cfg or prepare_dir(out, None, True)).model.device)  # resume: the run's own config
     lead = dist.rank() == 0
+    try:
+        return _run(cfg, out, resume, console, quiet, lead, code)
+    finally:  # however it ends: a notebook that caught its error can start or resume the dir again
+        unlock_run_dir(out)
+
+
+def _run(cfg: RunConfig | None, out: Path, resume: bool, console, quiet: bool, lead: bool, code: str) -> dict:
+    from selfplay.policy import ensure_base
+
     try:
         if lead:
             if not resume:
@@ -477,6 +487,18 @@ def run(cfg: RunConfig | None, out: Path, resume: bool = False, console=None, qu
     if quiet or not lead:
         cfg.logging.progress, cfg.logging.log_every = False, 0
     sp = SelfPlay(cfg, out)
+    try:
+        summary = _train(sp, cfg, out, resume, console, lead, code)
+    finally:  # an error too: the learner process stops and the store closes; every finished iteration is stored
+        sp.close()
+    dist.shutdown()
+    return summary
+
+
+def _train(sp: SelfPlay, cfg: RunConfig, out: Path, resume: bool, console, lead: bool, code: str) -> dict:
+    """Evaluate the base, run the iterations to the budget (checkpointing), evaluate, summarise."""
+    from selfplay.reporting import Progress, RunLogger
+
     start = 0
     if resume:
         start = sp.load_checkpoint()
@@ -526,12 +548,7 @@ def run(cfg: RunConfig | None, out: Path, resume: bool = False, console=None, qu
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         sp.store.set_status(out.name, "finished")
         logger.finish(summary)
-        sp.store.close()
-    summary = dist.broadcast(summary)
-    sp.close()
-    dist.shutdown()
-    unlock_run_dir(out)
-    return summary
+    return dist.broadcast(summary)
 
 
 def goodhart(rows: list[dict], window: int = 5, margin: float = 0.1) -> dict:

@@ -55,7 +55,7 @@ def test_full_tutor_iteration_writes_memory(base_path, tmp_path):
     _, [[missing]] = sql(db, "select count(*) from turns where reward is null or advantage is null")
     assert missing == 0
     # every hint is findable by a word (here: a number) in its text
-    _, hints = sql(db, "select id, completion from turns where kind = 'hint' and completion != '' limit 1")
+    hints = list(sql(db, "select id, completion from turns where kind = 'hint' and completion != '' limit 1")[1])
     if hints:
         word = "".join(ch if ch.isdigit() else " " for ch in hints[0][1]).split()[0]
         assert any(r["id"] == hints[0][0] for r in search(db, word, limit=1000))
@@ -100,6 +100,35 @@ def test_a_run_dir_in_use_is_refused_with_one_line(tmp_path):
         unlock_run_dir(out)
     lock_run_dir(out)  # released: free again (kill -9 releases it too: the test below resumes after one)
     unlock_run_dir(out)
+
+
+def test_a_run_that_raises_in_process_frees_its_dir_and_stops_its_learner(base_path, tmp_path, monkeypatch):
+    # A notebook that catches a run's error lives on: the run must not keep its dir's lock (a resume in the
+    # same notebook, or any other process, was refused until the kernel exited), its learner process, or
+    # its store open. The error is injected at iteration 2 (a stand-in for any failure mid-run).
+    import fcntl
+    import multiprocessing
+
+    from selfplay.loop import SelfPlay, _held
+
+    real = SelfPlay.iteration
+
+    def iteration(self, it):
+        if it == 2:
+            raise RuntimeError("injected")
+        return real(self, it)
+
+    monkeypatch.setattr(SelfPlay, "iteration", iteration)
+    cfg = tiny_config(**{"iterations": 3, "trainer.policy_lag": 1, "eval.n_tasks": 4, "eval.judge_attempts": 0})
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="injected"):
+        run(cfg, out)
+    assert out.resolve() not in _held and not multiprocessing.active_children()
+    with open(out / ".lock") as fh:  # a second open file's flock fails while any other holds it
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    monkeypatch.setattr(SelfPlay, "iteration", real)
+    s = run(None, out, resume=True)  # iteration 1 was stored; the resume replays from the last checkpoint
+    assert s["iterations"] == 3 and _episodes(out / "memory.db") == (24, 24, 3)
 
 
 def test_kill_9_then_resume_loses_and_duplicates_nothing(base_path, tmp_path):

@@ -30,6 +30,31 @@ def _cell_summary(d: Path) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
+def cell_share(d: Path, cfg) -> float:
+    """The share of a cell's budget spent, as its run computes it (the largest of iterations, student
+    samples and total FLOPs against their limits), from the last complete line of its metrics.jsonl
+    that carries the totals; 0 before its first iteration."""
+    try:
+        with open(d / "metrics.jsonl", "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 65536))  # its tail: a 16x cell writes ~7,000 lines (5-7 MB)
+            tail = f.read()
+    except OSError:
+        return 0.0
+    for line in reversed(tail.splitlines()):
+        try:
+            m = json.loads(line)
+        except ValueError:  # a line being written, or the first one cut by the tail
+            continue
+        if "flops/total" in m:
+            shares = [m.get("iteration", 0) / cfg.iterations]
+            if cfg.max_student_samples:
+                shares.append(m.get("samples/student", 0) / cfg.max_student_samples)
+            if cfg.max_total_flops:
+                shares.append(m["flops/total"] / cfg.max_total_flops)
+            return min(1.0, max(shares))
+    return 0.0
+
+
 def _curve(d: Path) -> list[tuple[float, float, float]]:
     """(student samples, total FLOPs, eval solve rate) at every evaluation of a cell."""
     out, last = [], {}
@@ -108,43 +133,69 @@ def run_grid(path: Path, out: Path, sets: list[str], console=None, jobs: int = 1
     return table
 
 
+REPORT_EVERY_S = 300.0  # a grid's cells run for minutes to hours: how often it says where each one stands
+
+
 def _run_parallel(cells: list[tuple[Path, object]], jobs: int, console=None) -> None:
     """Each cell in its own `selfplay run --resume DIR` process (its config.yaml written first; a
     fresh dir resumes from iteration 0), with model.threads as configured, at most `jobs` processes
-    at once: a policy_lag 1 cell counts two (its learner is a second process). A failed cell is
-    reported once the others have finished."""
+    at once: a policy_lag 1 cell counts two (its learner is a second process). Every
+    `REPORT_EVERY_S` a line per running cell (budget spent, time, ETA), and a line as each one ends.
+    A failed cell is reported once the others have finished."""
     import subprocess
     import sys
     import time
 
     import yaml
 
+    from selfplay.reporting import _dur
+
     procs: list = []
     pending = list(cells)
+    started: dict[Path, tuple[float, float]] = {}  # cell -> (start time, budget share then: a resumed cell's)
+    say = console.print if console else (lambda *a, **k: None)
+    name = lambda d: f"{d.parent.name}/{d.name}"  # noqa: E731
+    failed = []
 
     def busy() -> int:
-        return sum(n for *_, n in procs)
+        return sum(n for _, _, _, n, _ in procs)
 
-    failed = []
+    def ended(d: Path, code: int) -> None:
+        took = _dur(time.perf_counter() - started[d][0])
+        s = _cell_summary(d) if code == 0 else None
+        if s:
+            b, a = s["before"]["solve_rate"], s["after"]["solve_rate"]
+            say(f"done {name(d)} in {took}: held-out solve rate {b:.3f} -> {a:.3f}", highlight=False)
+        else:  # the other cells go on: stopping here would orphan them
+            failed.append(f"cell {d} failed (exit {code}); see {d / 'run.log'}")
+            say(f"[red]failed[/red] {name(d)} after {took} (exit {code}): {d / 'run.log'}", highlight=False)
+
+    last_report = time.perf_counter()
     while pending or procs:
         while pending and (not procs or busy() + 1 + pending[0][1].trainer.policy_lag <= jobs):
             d, cfg = pending.pop(0)
             d.mkdir(parents=True, exist_ok=True)
             if not (d / "config.yaml").is_file():
                 (d / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-            if console:
-                console.print(f"[bold]cell[/bold] {d}")
+            say(f"[bold]cell[/bold] {d}")
+            started[d] = (time.perf_counter(), cell_share(d, cfg))
             log = open(d / "run.log", "a")
             procs.append((d, log, subprocess.Popen([sys.executable, "-m", "selfplay.cli", "run", "--resume", str(d)],
-                                                   stdout=log, stderr=subprocess.STDOUT), 1 + cfg.trainer.policy_lag))
-        time.sleep(1)
+                                                   stdout=log, stderr=subprocess.STDOUT), 1 + cfg.trainer.policy_lag, cfg))
+        time.sleep(min(1.0, REPORT_EVERY_S))
         for item in list(procs):
-            d, log, p, _ = item
+            d, log, p, _, _ = item
             if p.poll() is not None:
                 log.close()
                 procs.remove(item)
-                if p.returncode != 0:  # the other cells go on: stopping here would orphan them
-                    failed.append(f"cell {d} failed (exit {p.returncode}); see {d / 'run.log'}")
+                ended(d, p.returncode)
+        if procs and time.perf_counter() - last_report >= REPORT_EVERY_S:
+            last_report = time.perf_counter()
+            for d, _, _, _, cfg in procs:
+                t0, share0 = started[d]
+                share, elapsed = cell_share(d, cfg), time.perf_counter() - t0
+                eta = _dur(elapsed / (share - share0) * (1 - share)) if share > share0 else "?"
+                say(f"  {name(d)}: {share:.0%} of its budget, {_dur(elapsed)}, eta {eta}", highlight=False)
     if failed:
         raise RuntimeError("; ".join(failed))
 

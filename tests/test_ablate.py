@@ -1,6 +1,7 @@
 """A tiny real ablation grid: equal student budgets, a table with standard errors, reused cells."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,13 @@ def test_grid_runs_reuses_cells_and_reports_standard_errors(base_path, tmp_path)
     assert (tmp_path / "out" / "plain" / "seed0" / "summary.json").stat().st_mtime == mtime
 
 
-def test_parallel_cells_stop_at_an_equal_flop_budget(base_path, tmp_path):
+def test_parallel_cells_stop_at_an_equal_flop_budget(base_path, tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import selfplay.ablate
+
     budget = 2.0e10  # a few iterations of the test model
     spec = {**BASE, "iterations": 1000, "max_total_flops": budget,
             "eval": {"n_tasks": 4, "samples": 1, "judge_attempts": 0},
@@ -58,7 +65,15 @@ def test_parallel_cells_stop_at_an_equal_flop_budget(base_path, tmp_path):
     spec["logging"] = {**BASE["logging"], "tensorboard": False, "plot": False}
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(spec))
-    run_grid(path, tmp_path / "out", [], jobs=2)  # each cell in its own `selfplay run` process
+    monkeypatch.setattr(selfplay.ablate, "REPORT_EVERY_S", 0.2)
+    said = io.StringIO()
+    run_grid(path, tmp_path / "out", [], console=Console(file=said, width=200), jobs=2)  # each cell its own process
+    said = said.getvalue()
+    for v in ("plain", "tutor", "lagged"):  # where each cell stands while it runs, and how it ended
+        s = json.loads((tmp_path / "out" / v / "seed0" / "summary.json").read_text())
+        assert (f"done {v}/seed0 in " in said and f"held-out solve rate {s['before']['solve_rate']:.3f} -> "
+                f"{s['after']['solve_rate']:.3f}" in said), said
+    assert re.search(r"  (plain|tutor|lagged)/seed0: \d+% of its budget, \d+s, eta ", said), said
     # jobs counts processes: the lagged cell (two processes) ran alone. A cell's config.yaml is
     # written as it starts and its summary.json as it ends: no other cell's interval overlaps it.
     span = {v: ((tmp_path / "out" / v / "seed0" / "config.yaml").stat().st_mtime,
@@ -112,6 +127,24 @@ def test_a_failed_parallel_cell_is_reported_after_the_others_finish(base_path, t
     assert "in use by another selfplay process" in (out / "a" / "seed0" / "run.log").read_text()
     assert (out / "b" / "seed0" / "summary.json").is_file()  # the other cell ran to its end
     assert not (out / "a" / "seed0" / "memory.db").exists()
+
+
+def test_a_cells_budget_share_comes_from_the_tail_of_its_metrics(tmp_path):
+    from selfplay.ablate import cell_share
+    from selfplay.config import build_config
+
+    cfg = build_config(BASE, ["iterations=1000", "max_total_flops=2e10", "max_student_samples=800"])
+    assert cell_share(tmp_path, cfg) == 0.0  # not started: no metrics.jsonl
+    rows = [{"iteration": 0, "eval/solve_rate": 0.1},
+            {"iteration": 9, "samples/student": 100, "flops/total": 4e9},
+            {"iteration": 10, "samples/student": 200, "flops/total": 5e9},
+            {"iteration": 10, "eval/solve_rate": 0.2}]  # an eval line carries no totals: the line before counts
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"iteration": 11, "sam')
+    # iteration 10: iterations 10/1000 = 1%, samples 200/800 = 25%, FLOPs 5e9/2e10 = 25%; the cut last line is skipped
+    assert cell_share(tmp_path, cfg) == 0.25
+    rows[2]["flops/total"] = 1.5e10  # FLOPs 75%: the largest share is the one that ends the run
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cell_share(tmp_path, cfg) == 0.75
 
 
 def test_provenance_flags_cells_that_ran_on_different_or_edited_code():

@@ -8,7 +8,9 @@ Every cell stops at the base config's budget: `max_total_flops` (student + tutor
 generation and training: equal compute) or `max_student_samples` (hinted attempts count).
 Results are reported at the end of each cell and, by interpolating each cell's eval curve, at the
 largest total-FLOPs budget every cell reached. The environment's solver time is reported beside
-(it is CPU work outside the model). Cells with a summary.json are reused; a cell dir without one
+(it is CPU work outside the model). Below the table, each variant minus the first one listed
+(the grid's reference), paired on the same held-out tasks within a seed, then over seeds: the
+comparison the README quotes. Cells with a summary.json are reused; a cell dir without one
 is resumed. `--only VARIANT[:SEED]` runs some cells (the rest on another machine, or later); the
 table is written once every cell has finished.
 """
@@ -271,8 +273,32 @@ def results_table(out: Path, variants: list[str], seeds: list[int], hard: bool) 
     lines.append("")
     lines.append(f"Before = the student at step 0 (its variant's base: variants may bootstrap different bases). "
                  f"Mean ± standard error over {len(seeds)} seeds; each cell evaluated on the same held-out tasks.")
+    lines += paired_table(out, variants, seeds)
     lines.append(provenance(list(sums.values())))
     return "\n".join(lines) + "\n"
+
+
+def paired_table(out: Path, variants: list[str], seeds: list[int]) -> list[str]:
+    """Each variant minus the first (the grid's reference), in points of held-out sampled solve
+    rate, paired on the same tasks: per seed the mean per-task difference ± its standard error over
+    the tasks; over seeds the mean ± standard error of the per-seed differences (a seed's cells
+    share their base and held-out tasks, so its difference is free of the seed-to-seed spread)."""
+    if len(variants) < 2:
+        return []
+    rates = {(v, s): json.loads((out / v / f"seed{s}" / "eval_after.json").read_text())["per_task"]
+             for v in variants for s in seeds}
+    ref = variants[0]
+    head = ["difference (points)"] + [f"seed {s}" for s in seeds] + ["over seeds"] * (len(seeds) > 1)
+    lines = ["", f"Paired on the same held-out tasks, each variant minus {ref}:", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in variants[1:]:
+        per_seed = [_mean_se([100 * (a - b) for a, b in zip(rates[v, s], rates[ref, s], strict=True)]) for s in seeds]
+        row = [f"{v} − {ref}"] + [f"{m:+.2f} ± {se:.2f}" for m, se in per_seed]
+        if len(seeds) > 1:
+            m, se = _mean_se([m for m, _ in per_seed])
+            row.append(f"{m:+.2f} ± {se:.2f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + [""]
 
 
 def provenance(summaries: list[dict]) -> str:

@@ -23,7 +23,7 @@ def test_grid_runs_reuses_cells_and_reports_standard_errors(base_path, tmp_path)
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(spec))
     table = run_grid(path, tmp_path / "out", [])
-    rows = [line for line in table.splitlines() if line.startswith("| plain") or line.startswith("| tutor")]
+    rows = [line for line in table.splitlines() if line.startswith(("| plain |", "| tutor |"))]
     assert len(rows) == 2 and all("±" in r for r in rows)
     for v, row in zip(("plain", "tutor"), rows):  # each variant's own "before" (variants may differ in base)
         before = [json.loads((tmp_path / "out" / v / f"seed{s}" / "summary.json").read_text())["before"]["solve_rate"]
@@ -31,6 +31,7 @@ def test_grid_runs_reuses_cells_and_reports_standard_errors(base_path, tmp_path)
         assert float(row.split("|")[2].split("±")[0]) == pytest.approx(sum(before) / 2, abs=5e-4)
     col = table.splitlines()[0].split("|").index(" identical hint groups ")
     assert rows[0].split("|")[col].strip() == "–" and "±" in rows[1].split("|")[col]  # plain GRPO gives no hints
+    assert re.search(r"^\| tutor − plain \| [+-]\d+\.\d\d ± \d+\.\d\d \| .* \|$", table, re.M)  # paired on the tasks
     for v in ("plain", "tutor"):
         for s in (0, 1):
             n = json.loads((tmp_path / "out" / v / f"seed{s}" / "summary.json").read_text())["totals"]["samples/student"]
@@ -145,6 +146,22 @@ def test_a_cells_budget_share_comes_from_the_tail_of_its_metrics(tmp_path):
     rows[2]["flops/total"] = 1.5e10  # FLOPs 75%: the largest share is the one that ends the run
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert cell_share(tmp_path, cfg) == 0.75
+
+
+def test_paired_differences_are_per_task_within_a_seed_then_over_seeds(tmp_path):
+    from selfplay.ablate import paired_table
+
+    per_task = {("ref", 0): [0, 0.5, 0.25, 0], ("v", 0): [0.5, 0.5, 0.25, 0.25],
+                ("ref", 1): [0.25, 0.25, 0, 0], ("v", 1): [0.25, 0, 0, 0]}
+    for (v, s), rates in per_task.items():
+        (tmp_path / v / f"seed{s}").mkdir(parents=True)
+        (tmp_path / v / f"seed{s}" / "eval_after.json").write_text(json.dumps({"per_task": rates}))
+    # seed 0: differences 50, 0, 0, 25 points: mean 18.75, sample SD sqrt(1718.75 / 3) = 23.94, SE 23.94 / 2 = 11.97
+    # seed 1: 0, -25, 0, 0: mean -6.25, SD sqrt(468.75 / 3) = 12.5, SE 6.25
+    # over seeds: mean (18.75 - 6.25) / 2 = 6.25, SD sqrt(2 x 12.5^2) = 17.68, SE 17.68 / sqrt(2) = 12.50
+    row = [x for x in paired_table(tmp_path, ["ref", "v"], [0, 1]) if x.startswith("| v")]
+    assert row == ["| v − ref | +18.75 ± 11.97 | -6.25 ± 6.25 | +6.25 ± 12.50 |"]
+    assert paired_table(tmp_path, ["ref"], [0, 1]) == []  # one variant: nothing to pair
 
 
 def test_provenance_flags_cells_that_ran_on_different_or_edited_code():

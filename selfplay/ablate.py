@@ -10,7 +10,8 @@ Results are reported at the end of each cell and, by interpolating each cell's e
 largest total-FLOPs budget every cell reached. The environment's solver time is reported beside
 (it is CPU work outside the model). Below the table, each variant minus the first one listed
 (the grid's reference), paired on the same held-out tasks within a seed, then over seeds: the
-comparison the README quotes. Cells with a summary.json are reused; a cell dir without one
+comparison the README quotes; `--tasks NAME=FILE` adds a column and a paired table per task file
+(each finished cell scored on it once; again if the file changes). Cells with a summary.json are reused; a cell dir without one
 is resumed. `--only VARIANT[:SEED]` runs some cells (the rest on another machine, or later); the
 table is written once every cell has finished.
 """
@@ -104,13 +105,33 @@ def pick_cells(only: list[str], variants: list[str], seeds: list[int]) -> set[tu
     return cells
 
 
-def run_grid(path: Path, out: Path, sets: list[str], console=None, jobs: int = 1, only: list[str] = ()) -> str:
+def task_sets(specs: list[str]) -> dict[str, tuple[str, list]]:
+    """`--tasks NAME=FILE.jsonl` (repeatable): {name: (the file's sha256, its tasks)}, read and
+    checked before any cell runs."""
+    import hashlib
+
+    from selfplay.domains.countdown import read_tasks
+
+    out = {}
+    for spec in specs:
+        name, _, file = spec.partition("=")
+        if not (name.isidentifier() and file):
+            raise ConfigError(f"--tasks {spec}: expected NAME=FILE.jsonl, NAME a word (it names the table's column)")
+        out[name] = (hashlib.sha256(Path(file).read_bytes()).hexdigest(), read_tasks(file))
+    return out
+
+
+def run_grid(path: Path, out: Path, sets: list[str], console=None, jobs: int = 1, only: list[str] = (),
+             tasks: list[str] = ()) -> str:
     """Run every unfinished cell (in `jobs` processes at once), or those of them named by `only`
-    (another machine may run the rest into a copy of `out`), then write the table and plot once
-    every cell is finished."""
+    (another machine may run the rest into a copy of `out`), evaluate each finished cell on the
+    hard split and on every `tasks` file (NAME=FILE.jsonl: tasks no one here wrote, say), then
+    write the table and plot once every cell is finished."""
+    from selfplay.evaluate import heldout_tasks
     from selfplay.loop import run
 
     variants, seeds, hard, cfgs = grid_configs(path, sets)  # every cell validated before spending compute
+    extra = task_sets(list(tasks))
     picked = pick_cells(only, variants, seeds) if only else set(cfgs)
     out.mkdir(parents=True, exist_ok=True)
     todo = [(k, cfg) for k, cfg in cfgs.items() if k in picked and _cell_summary(out / k[0] / f"seed{k[1]}") is None]
@@ -123,12 +144,21 @@ def run_grid(path: Path, out: Path, sets: list[str], console=None, jobs: int = 1
         run(cfg, d, resume=(d / "config.yaml").is_file(), console=console)
     for (name, seed), cfg in cfgs.items():
         d = out / name / f"seed{seed}"
-        if hard and _cell_summary(d) is not None and not (d / "eval_hard.json").is_file():
-            _eval_hard(cfg, d, hard)
+        if _cell_summary(d) is None:
+            continue
+        if hard and not (d / "eval_hard.json").is_file():
+            hcfg = build_config(cfg.model_dump(mode="json"), [f"eval.{k}={json.dumps(v)}" for k, v in hard.items()])
+            _eval_cell(hcfg, d, heldout_tasks(hcfg.eval), d / "eval_hard.json")
+        for tname, (sha, ts) in extra.items():
+            p = d / f"eval-{tname}.json"
+            if not p.is_file() or json.loads(p.read_text()).get("tasks_sha256") != sha:  # another file, same name
+                if console:
+                    console.print(f"evaluating {name}/seed{seed} on {tname} ({len(ts)} tasks)", highlight=False)
+                _eval_cell(cfg, d, ts, p, {"tasks_sha256": sha})
     left = [f"{n}:{s}" for n, s in cfgs if _cell_summary(out / n / f"seed{s}") is None]
     if left:
         return f"{len(cfgs) - len(left)} of {len(cfgs)} cells finished; the table waits for {', '.join(left)}\n"
-    table = results_table(out, variants, seeds, hard is not None)
+    table = results_table(out, variants, seeds, hard is not None, list(extra))
     (out / "results.md").write_text(table)
     plot_grid(out, variants, seeds)
     plot_proxy_truth(out, variants, seeds)
@@ -202,21 +232,20 @@ def _run_parallel(cells: list[tuple[Path, object]], jobs: int, console=None) -> 
         raise RuntimeError("; ".join(failed))
 
 
-def _eval_hard(cfg, d: Path, hard: dict) -> None:
+def _eval_cell(cfg, d: Path, tasks: list, path: Path, extra: dict | None = None) -> None:
+    """A finished cell's student on `tasks` with `cfg`'s eval settings (samples, temperature), as
+    `selfplay eval --run` scores it; per-task rates kept for the paired table."""
     import torch
 
-    from selfplay.evaluate import evaluate, heldout_tasks
+    from selfplay.evaluate import evaluate
     from selfplay.loop import make_backend
     from selfplay.policy import load_policy_from_run
     from selfplay.prompts import Prompts
 
-    hcfg = build_config(cfg.model_dump(mode="json"), [f"eval.{k}={json.dumps(v)}" for k, v in hard.items()])
     torch.set_num_threads(cfg.model.threads)
-    pol = load_policy_from_run(d, hcfg)
-    res = evaluate(pol, make_backend(hcfg, pol), Prompts(hcfg.prompts), heldout_tasks(hcfg.eval), hcfg,
-                   judge_attempts=0)
-    res.pop("per_task")
-    (d / "eval_hard.json").write_text(json.dumps(res))
+    pol = load_policy_from_run(d, cfg)
+    res = evaluate(pol, make_backend(cfg, pol), Prompts(cfg.prompts), tasks, cfg, judge_attempts=0)
+    path.write_text(json.dumps({**res, **(extra or {})}))
 
 
 def _fmt(xs: list[float], digits: int = 3) -> str:
@@ -227,7 +256,7 @@ def _fmt(xs: list[float], digits: int = 3) -> str:
     return f"{m:.{digits}f} ± {se:.{digits}f}"
 
 
-def results_table(out: Path, variants: list[str], seeds: list[int], hard: bool) -> str:
+def results_table(out: Path, variants: list[str], seeds: list[int], hard: bool, task_names: list[str] = ()) -> str:
     cells = {(v, s): out / v / f"seed{s}" for v in variants for s in seeds}
     sums = {k: _cell_summary(d) for k, d in cells.items()}
     curves = {k: _curve(d) for k, d in cells.items()}
@@ -238,6 +267,7 @@ def results_table(out: Path, variants: list[str], seeds: list[int], hard: bool) 
             "mutation validity"]
     if hard:
         head.append("hard split solve")
+    head += [f"{t} solve (after)" for t in task_names]
     judged = any("goodhart" in x for x in sums.values())
     if judged:  # rewards.student_source=judge cells: the proxy against the truth
         head += ["train judge reward, first → last 5 it", "train true solve, first → last 5 it",
@@ -262,6 +292,8 @@ def results_table(out: Path, variants: list[str], seeds: list[int], hard: bool) 
                _fmt([m.get("tutor/mutate_valid_rate", float("nan")) for m in metrics])]
         if hard:
             row.append(_fmt([json.loads((cells[v, s] / "eval_hard.json").read_text())["solve_rate"] for s in seeds]))
+        row += [_fmt([json.loads((cells[v, s] / f"eval-{t}.json").read_text())["solve_rate"] for s in seeds])
+                for t in task_names]
         if judged:
             g = [x.get("goodhart") for x in S]
             ends = [_ends(cells[v, s]) for s in seeds]
@@ -274,22 +306,25 @@ def results_table(out: Path, variants: list[str], seeds: list[int], hard: bool) 
     lines.append(f"Before = the student at step 0 (its variant's base: variants may bootstrap different bases). "
                  f"Mean ± standard error over {len(seeds)} seeds; each cell evaluated on the same held-out tasks.")
     lines += paired_table(out, variants, seeds)
+    for t in task_names:
+        lines += paired_table(out, variants, seeds, f"eval-{t}.json", t)
     lines.append(provenance(list(sums.values())))
     return "\n".join(lines) + "\n"
 
 
-def paired_table(out: Path, variants: list[str], seeds: list[int]) -> list[str]:
+def paired_table(out: Path, variants: list[str], seeds: list[int], file: str = "eval_after.json",
+                 label: str = "held-out") -> list[str]:
     """Each variant minus the first (the grid's reference), in points of held-out sampled solve
     rate, paired on the same tasks: per seed the mean per-task difference ± its standard error over
     the tasks; over seeds the mean ± standard error of the per-seed differences (a seed's cells
     share their base and held-out tasks, so its difference is free of the seed-to-seed spread)."""
     if len(variants) < 2:
         return []
-    rates = {(v, s): json.loads((out / v / f"seed{s}" / "eval_after.json").read_text())["per_task"]
+    rates = {(v, s): json.loads((out / v / f"seed{s}" / file).read_text())["per_task"]
              for v in variants for s in seeds}
     ref = variants[0]
     head = ["difference (points)"] + [f"seed {s}" for s in seeds] + ["over seeds"] * (len(seeds) > 1)
-    lines = ["", f"Paired on the same held-out tasks, each variant minus {ref}:", "",
+    lines = ["", f"Paired on the same {label} tasks, each variant minus {ref}:", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in variants[1:]:
         per_seed = [_mean_se([100 * (a - b) for a, b in zip(rates[v, s], rates[ref, s], strict=True)]) for s in seeds]

@@ -167,12 +167,14 @@ def ablate(config: Path = typer.Option(..., help="Ablation YAML: a base config p
            jobs: int = typer.Option(1, min=1, help="Processes at once: each cell runs in its own, a policy_lag 1 "
                                                     "cell in two (its learner); give each --set model.threads=1."),
            only: List[str] = typer.Option([], "--only", help="Run only this cell (VARIANT:SEED) or variant (VARIANT); "
-                                                             "repeatable. The table waits for every cell.")):
+                                                             "repeatable. The table waits for every cell."),
+           tasks: List[str] = typer.Option([], "--tasks", help="NAME=FILE.jsonl: also evaluate every finished cell on "
+                                                               "these tasks (a column and a paired table); repeatable.")):
     """Run a grid of variants x seeds at equal budgets; write a table and plots."""
     from selfplay.ablate import run_grid
 
     try:
-        res = run_grid(config, out or RUNS / f"ablate-{config.stem}", set, console, jobs, only)
+        res = run_grid(config, out or RUNS / f"ablate-{config.stem}", set, console, jobs, only, tasks)
     except USER_ERRORS as e:
         _fail(str(e).splitlines()[0])
     print(res)

@@ -22,7 +22,13 @@ def test_grid_runs_reuses_cells_and_reports_standard_errors(base_path, tmp_path)
     spec["logging"] = {**BASE["logging"], "tensorboard": False, "plot": False}
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(spec))
-    table = run_grid(path, tmp_path / "out", [])
+    mine = tmp_path / "mine.jsonl"  # a task file of the user's: each cell is scored on it too
+    mine.write_text('{"numbers": [3, 4], "target": 7}\n{"numbers": [2, 5], "target": 10}\n{"numbers": [9, 3], "target": 3}\n')
+    for bad in ("mine", "9x=" + str(mine), "mine=" + str(tmp_path / "nope.jsonl")):  # refused before any cell runs
+        with pytest.raises((ConfigError, FileNotFoundError)):
+            run_grid(path, tmp_path / "out", [], tasks=[bad])
+    assert not (tmp_path / "out" / "plain").exists()
+    table = run_grid(path, tmp_path / "out", [], tasks=[f"mine={mine}"])
     rows = [line for line in table.splitlines() if line.startswith(("| plain |", "| tutor |"))]
     assert len(rows) == 2 and all("±" in r for r in rows)
     for v, row in zip(("plain", "tutor"), rows):  # each variant's own "before" (variants may differ in base)
@@ -32,6 +38,13 @@ def test_grid_runs_reuses_cells_and_reports_standard_errors(base_path, tmp_path)
     col = table.splitlines()[0].split("|").index(" identical hint groups ")
     assert rows[0].split("|")[col].strip() == "–" and "±" in rows[1].split("|")[col]  # plain GRPO gives no hints
     assert re.search(r"^\| tutor − plain \| [+-]\d+\.\d\d ± \d+\.\d\d \| .* \|$", table, re.M)  # paired on the tasks
+    mine_evals = {(v, s): json.loads((tmp_path / "out" / v / f"seed{s}" / "eval-mine.json").read_text())
+                  for v in ("plain", "tutor") for s in (0, 1)}
+    assert all(e["n_tasks"] == 3 and len(e["per_task"]) == 3 for e in mine_evals.values())
+    col = table.splitlines()[0].split("|").index(" mine solve (after) ")
+    assert float(rows[0].split("|")[col].split("±")[0]) == pytest.approx(
+        (mine_evals["plain", 0]["solve_rate"] + mine_evals["plain", 1]["solve_rate"]) / 2, abs=5e-4)
+    assert "Paired on the same mine tasks, each variant minus plain:" in table
     for v in ("plain", "tutor"):
         for s in (0, 1):
             n = json.loads((tmp_path / "out" / v / f"seed{s}" / "summary.json").read_text())["totals"]["samples/student"]
@@ -41,9 +54,12 @@ def test_grid_runs_reuses_cells_and_reports_standard_errors(base_path, tmp_path)
     code = json.loads((tmp_path / "out" / "plain" / "seed0" / "summary.json").read_text())["code"]
     assert table.rstrip().splitlines()[-1].startswith(f"Code: {code.get('commit', code['version'])[:10]}")
     assert (tmp_path / "out" / "solve_rate.png").is_file()
-    mtime = (tmp_path / "out" / "plain" / "seed0" / "summary.json").stat().st_mtime
-    run_grid(path, tmp_path / "out", [])  # finished cells are reused, not rerun
-    assert (tmp_path / "out" / "plain" / "seed0" / "summary.json").stat().st_mtime == mtime
+    mtime = [(tmp_path / "out" / "plain" / "seed0" / f).stat().st_mtime for f in ("summary.json", "eval-mine.json")]
+    run_grid(path, tmp_path / "out", [], tasks=[f"mine={mine}"])  # finished cells and their evaluations are reused
+    assert [(tmp_path / "out" / "plain" / "seed0" / f).stat().st_mtime for f in ("summary.json", "eval-mine.json")] == mtime
+    mine.write_text('{"numbers": [3, 4], "target": 12}\n')  # another file under the same name: evaluated again
+    run_grid(path, tmp_path / "out", [], tasks=[f"mine={mine}"])
+    assert json.loads((tmp_path / "out" / "plain" / "seed0" / "eval-mine.json").read_text())["n_tasks"] == 1
 
 
 def test_parallel_cells_stop_at_an_equal_flop_budget(base_path, tmp_path, monkeypatch):

@@ -173,7 +173,8 @@ def _run_parallel(cells: list[tuple[Path, object]], jobs: int, console=None) -> 
     fresh dir resumes from iteration 0), with model.threads as configured, at most `jobs` processes
     at once: a policy_lag 1 cell counts two (its learner is a second process). Every
     `REPORT_EVERY_S` a line per running cell (budget spent, time, ETA), and a line as each one ends.
-    A failed cell is reported once the others have finished."""
+    A failed cell is reported once the others have finished; an interrupt stops every running cell."""
+    import signal
     import subprocess
     import sys
     import time
@@ -203,31 +204,43 @@ def _run_parallel(cells: list[tuple[Path, object]], jobs: int, console=None) -> 
             say(f"[red]failed[/red] {name(d)} after {took} (exit {code}): {d / 'run.log'}", highlight=False)
 
     last_report = time.perf_counter()
-    while pending or procs:
-        while pending and (not procs or busy() + 1 + pending[0][1].trainer.policy_lag <= jobs):
-            d, cfg = pending.pop(0)
-            d.mkdir(parents=True, exist_ok=True)
-            if not (d / "config.yaml").is_file():
-                (d / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-            say(f"[bold]cell[/bold] {d}")
-            started[d] = (time.perf_counter(), cell_share(d, cfg))
-            log = open(d / "run.log", "a")
-            procs.append((d, log, subprocess.Popen([sys.executable, "-m", "selfplay.cli", "run", "--resume", str(d)],
-                                                   stdout=log, stderr=subprocess.STDOUT), 1 + cfg.trainer.policy_lag, cfg))
-        time.sleep(min(1.0, REPORT_EVERY_S))
-        for item in list(procs):
-            d, log, p, _, _ = item
-            if p.poll() is not None:
-                log.close()
-                procs.remove(item)
-                ended(d, p.returncode)
-        if procs and time.perf_counter() - last_report >= REPORT_EVERY_S:
-            last_report = time.perf_counter()
-            for d, _, _, _, cfg in procs:
-                t0, share0 = started[d]
-                share, elapsed = cell_share(d, cfg), time.perf_counter() - t0
-                eta = _dur(elapsed / (share - share0) * (1 - share)) if share > share0 else "?"
-                say(f"  {name(d)}: {share:.0%} of its budget, {_dur(elapsed)}, eta {eta}", highlight=False)
+    try:
+        while pending or procs:
+            while pending and (not procs or busy() + 1 + pending[0][1].trainer.policy_lag <= jobs):
+                d, cfg = pending.pop(0)
+                d.mkdir(parents=True, exist_ok=True)
+                if not (d / "config.yaml").is_file():
+                    (d / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+                say(f"[bold]cell[/bold] {d}")
+                started[d] = (time.perf_counter(), cell_share(d, cfg))
+                log = open(d / "run.log", "a")
+                procs.append((d, log, subprocess.Popen([sys.executable, "-m", "selfplay.cli", "run", "--resume", str(d)],
+                                                       stdout=log, stderr=subprocess.STDOUT), 1 + cfg.trainer.policy_lag, cfg))
+            time.sleep(min(1.0, REPORT_EVERY_S))
+            for item in list(procs):
+                d, log, p, _, _ = item
+                if p.poll() is not None:
+                    log.close()
+                    procs.remove(item)
+                    ended(d, p.returncode)
+            if procs and time.perf_counter() - last_report >= REPORT_EVERY_S:
+                last_report = time.perf_counter()
+                for d, _, _, _, cfg in procs:
+                    t0, share0 = started[d]
+                    share, elapsed = cell_share(d, cfg), time.perf_counter() - t0
+                    eta = _dur(elapsed / (share - share0) * (1 - share)) if share > share0 else "?"
+                    say(f"  {name(d)}: {share:.0%} of its budget, {_dur(elapsed)}, eta {eta}", highlight=False)
+    except BaseException:  # Ctrl-C (or a failure here): stop the cells too; each resumes from its last checkpoint
+        for _, _, p, _, _ in procs:
+            p.send_signal(signal.SIGINT)
+        for _, log, p, _, _ in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            log.close()
+        raise
     if failed:
         raise RuntimeError("; ".join(failed))
 

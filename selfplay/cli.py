@@ -177,6 +177,9 @@ def ablate(config: Path = typer.Option(..., help="Ablation YAML: a base config p
         res = run_grid(config, out or RUNS / f"ablate-{config.stem}", set, console, jobs, only, tasks)
     except USER_ERRORS as e:
         _fail(str(e).splitlines()[0])
+    except KeyboardInterrupt:
+        _fail("interrupted; finished cells are kept and the others resume from their last checkpoints: "
+              "run the same command again")
     print(res)
 
 

@@ -125,6 +125,38 @@ def test_only_runs_the_named_cells_and_the_table_waits_for_the_rest(base_path, t
     assert not (out / "results.md").exists()
 
 
+def test_an_interrupted_parallel_grid_stops_its_cells_with_one_line(base_path, tmp_path):
+    # Ctrl-C on `selfplay ablate --jobs 2` printed a traceback and left the cells running, holding their
+    # dirs' locks (run again, the grid found them "in use"). Here SIGINT reaches the grid's process
+    # alone, as `kill -INT` sends it: the grid must stop its cells itself.
+    import fcntl
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec = {**BASE, "iterations": 100000, "max_total_flops": 1e15, "eval": {"n_tasks": 4, "samples": 1, "judge_attempts": 0},
+            "curriculum": {"episodes_per_iter": 2},
+            "variants": {"a": {"graph.hint": False}, "b": {"graph.hint": False, "trainer.lr": 1e-4}}, "seeds": [0]}
+    spec["logging"] = {**BASE["logging"], "tensorboard": False, "plot": False}
+    path, out = tmp_path / "grid.yaml", tmp_path / "out"
+    path.write_text(yaml.safe_dump(spec))
+    p = subprocess.Popen([sys.executable, "-m", "selfplay.cli", "ablate", "--config", str(path), "--out", str(out),
+                          "--jobs", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cells = [out / v / "seed0" for v in ("a", "b")]
+    deadline = time.time() + 300
+    while not all((d / "metrics.jsonl").is_file() and '"flops/total"' in (d / "metrics.jsonl").read_text() for d in cells):
+        assert p.poll() is None and time.time() < deadline, p.communicate()
+        time.sleep(0.5)  # both cells are past their first iteration
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and "interrupted; finished cells are kept" in err and "Traceback" not in err, err
+    for d in cells:  # no cell process is left holding its dir
+        with open(d / ".lock") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert not (d / "summary.json").exists() and "interrupted" in (d / "run.log").read_text()
+
+
 def test_a_failed_parallel_cell_is_reported_after_the_others_finish(base_path, tmp_path):
     from selfplay.loop import lock_run_dir, unlock_run_dir
 

@@ -10,10 +10,10 @@ Results are reported at the end of each cell and, by interpolating each cell's e
 largest total-FLOPs budget every cell reached. The environment's solver time is reported beside
 (it is CPU work outside the model). Below the table, each variant minus the first one listed
 (the grid's reference), paired on the same held-out tasks within a seed, then over seeds: the
-comparison the README quotes; `--tasks NAME=FILE` adds a column and a paired table per task file
-(each finished cell scored on it once; again if the file changes). Cells with a summary.json are reused; a cell dir without one
-is resumed. `--only VARIANT[:SEED]` runs some cells (the rest on another machine, or later); the
-table is written once every cell has finished.
+comparison the README quotes. `--tasks NAME=FILE` adds a column and a paired table per task file
+(each finished cell is scored on it once, and again if the file changes). Cells with a
+summary.json are reused; a cell dir without one is resumed. `--only VARIANT[:SEED]` runs some
+cells (the rest on another machine, or later); the table is written once every cell has finished.
 """
 
 from __future__ import annotations
@@ -327,10 +327,11 @@ def results_table(out: Path, variants: list[str], seeds: list[int], hard: bool, 
 
 def paired_table(out: Path, variants: list[str], seeds: list[int], file: str = "eval_after.json",
                  label: str = "held-out") -> list[str]:
-    """Each variant minus the first (the grid's reference), in points of held-out sampled solve
-    rate, paired on the same tasks: per seed the mean per-task difference ± its standard error over
-    the tasks; over seeds the mean ± standard error of the per-seed differences (a seed's cells
-    share their base and held-out tasks, so its difference is free of the seed-to-seed spread)."""
+    """Each variant minus the first (the grid's reference), in points of sampled solve rate on
+    `file`'s tasks (the held-out set by default), paired on the same tasks: per seed the mean
+    per-task difference ± its standard error over the tasks; over seeds the mean ± standard error
+    of the per-seed differences (a seed's cells share their base and tasks, so its difference is
+    free of the seed-to-seed spread)."""
     if len(variants) < 2:
         return []
     rates = {(v, s): json.loads((out / v / f"seed{s}" / file).read_text())["per_task"]

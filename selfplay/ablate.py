@@ -34,9 +34,10 @@ def _cell_summary(d: Path) -> dict | None:
 
 
 def cell_share(d: Path, cfg) -> float:
-    """The share of a cell's budget spent, as its run computes it (the largest of iterations, student
-    samples and total FLOPs against their limits), from the last complete line of its metrics.jsonl
-    that carries the totals; 0 before its first iteration."""
+    """The share of a cell's budget spent (`budget_share`, as its run computes it), from the last
+    complete line of its metrics.jsonl that carries the totals; 0 before its first iteration."""
+    from selfplay.loop import budget_share
+
     try:
         with open(d / "metrics.jsonl", "rb") as f:
             f.seek(max(0, f.seek(0, 2) - 65536))  # its tail: a 16x cell writes ~7,000 lines (5-7 MB)
@@ -49,12 +50,7 @@ def cell_share(d: Path, cfg) -> float:
         except ValueError:  # a line being written, or the first one cut by the tail
             continue
         if "flops/total" in m:
-            shares = [m.get("iteration", 0) / cfg.iterations]
-            if cfg.max_student_samples:
-                shares.append(m.get("samples/student", 0) / cfg.max_student_samples)
-            if cfg.max_total_flops:
-                shares.append(m["flops/total"] / cfg.max_total_flops)
-            return min(1.0, max(shares))
+            return budget_share(cfg, m.get("iteration", 0), m.get("samples/student", 0), m["flops/total"])
     return 0.0
 
 

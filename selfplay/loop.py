@@ -125,6 +125,17 @@ def unlock_run_dir(out: Path) -> None:
         fh.close()
 
 
+def budget_share(cfg: RunConfig, iterations: int, student_samples: float, total_flops: float) -> float:
+    """The share of a run's budget spent: the largest of iterations, student samples and model FLOPs
+    against their limits (what ends the run ends the hint schedule too; a grid reads its cells' by it)."""
+    shares = [iterations / cfg.iterations]
+    if cfg.max_student_samples:
+        shares.append(student_samples / cfg.max_student_samples)
+    if cfg.max_total_flops:
+        shares.append(total_flops / cfg.max_total_flops)
+    return min(1.0, max(shares))
+
+
 class SelfPlay:
     """Everything a run holds; `iteration()` is the algorithm, the rest is plumbing."""
 
@@ -280,15 +291,8 @@ class SelfPlay:
         return flops(self.policy.n_params, self.totals)
 
     def progress(self, it: int) -> float:
-        """Share of the run's budget spent before iteration `it`: the largest of iterations, student
-        samples and model FLOPs against their limits (what ends the run ends the schedule too)."""
-        c = self.cfg
-        shares = [(it - 1) / c.iterations]
-        if c.max_student_samples:
-            shares.append(self.totals["samples/student"] / c.max_student_samples)
-        if c.max_total_flops:
-            shares.append(self.flops()["flops/total"] / c.max_total_flops)
-        return min(1.0, max(shares))
+        """Share of the run's budget spent before iteration `it` (`budget_share`)."""
+        return budget_share(self.cfg, it - 1, self.totals["samples/student"], self.flops()["flops/total"])
 
     def budget_spent(self) -> bool:
         c = self.cfg

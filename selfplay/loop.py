@@ -189,7 +189,7 @@ class SelfPlay:
         local = {s["episode_id"] for s in mine}
         turns = [t for s in states for t in s["turns"]]
         # 3. advantages per (role, kind, group): never across roles or turn kinds
-        groups = [(t["role"], t["kind"], t["group_id"]) for t in turns]
+        groups = [advantage_group(t, cfg.trainer.hint_baseline) for t in turns]
         adv, keep = grpo.group_advantages([t["reward"] for t in turns], groups, cfg.trainer.scale_std,
                                           cfg.trainer.drop_zero_variance)
         if cfg.trainer.judge_class_balance:  # verdicts on right and wrong attempts weigh the same
@@ -376,6 +376,15 @@ class SelfPlay:
             self.store.close()
 
 
+def advantage_group(turn: dict, hint_baseline: str) -> tuple:
+    """The GRPO group a turn's advantage is normalised in: never across roles or turn kinds. With
+    `trainer.hint_baseline: batch` every hint of the iteration is one group (a lone hint per failed
+    group would otherwise have no baseline)."""
+    if hint_baseline == "batch" and turn["kind"] == "hint":
+        return (turn["role"], turn["kind"])
+    return (turn["role"], turn["kind"], turn["group_id"])
+
+
 def hindsight_rows(turns: list[dict]) -> list[tuple[Row, str]]:
     """(row, episode id) per distinct (relabelled prompt, completion): the whole completion is the
     target of the hindsight NLL term (`forced` = its length, so no policy-gradient token)."""
@@ -444,12 +453,12 @@ def _turn_metrics(turns: list[dict]) -> dict[str, float]:
     if hints:
         m["tutor/hint_revealed"] = mean(t["revealed"] for t in hints)
         m["tutor/hint_empty"] = mean(t["revealed"] == 0 for t in hints)  # a collapsed tutor reveals nothing
-        answers = defaultdict(set)
+        answers = defaultdict(list)
         for t in hints:
-            answers[t["group_id"]].add(t["completion"])
+            answers[t["group_id"]].append(t["completion"])
         # a group of identical hints teaches the tutor nothing: equal rewards drop it, unequal ones
         # give the same tokens opposite advantages (a frozen tutor: README Results, "keeps learning")
-        m["tutor/hint_groups_identical"] = mean(len(a) == 1 for a in answers.values())
+        m["tutor/hint_groups_identical"] = mean(len(set(a)) == 1 for a in answers.values() if len(a) > 1)
     mut = [t for t in turns if t["kind"] == "mutate"]
     if mut:
         m["tutor/mutate_valid_rate"] = mean(t["verdict"] == "valid" for t in mut)

@@ -268,6 +268,38 @@ def test_tutor_kl_keeps_zero_variance_tutor_groups_as_kl_only_rows(base_path, tm
     assert m_on["tokens/tutor_train"] > m_off["tokens/tutor_train"]  # their forward + backward is budgeted
 
 
+def test_one_hint_per_failed_group_trains_the_tutor_only_with_the_batch_baseline(base_path, tmp_path):
+    # One iteration, one hint per failed group, from the same seed (so the same episodes). With the
+    # group baseline every hint is a singleton group: no tutor row. With the batch baseline all the
+    # iteration's hints are one group, so every hint is trained, with its batch-normalised reward.
+    def tutor_rows(baseline: str):
+        return _first_iteration_rows(tmp_path / baseline, "tutor", **{
+            "graph.hints_per_round": 1, "trainer.hint_baseline": baseline, "curriculum.episodes_per_iter": 16})
+
+    (group, _), (batch, m) = tutor_rows("group"), tutor_rows("batch")
+    assert group == []
+    assert len(batch) >= 2 and len({r.advantage for r in batch}) > 1
+    assert sum(r.advantage for r in batch) == pytest.approx(0.0, abs=1e-6)  # centred on the batch mean
+    assert "tutor/hint_groups_identical" not in m  # no group of two hints to compare
+
+
+def test_batch_hint_baseline_by_hand():
+    # Hints of three failed groups (one each) with rewards 0.75, 0 and 0.5 and a student group of two.
+    # Batch baseline: the hints are one group: mean 5/12, unbiased std sqrt(((1/3)² + (5/12)² +
+    # (1/12)²) / 2) = sqrt(0.1458) = 0.3819 -> A = [0.8729, -1.0911, 0.2182]; the student group is
+    # its own: [1, 0] -> A = [0.7071, -0.7071]. Group baseline: three singletons, none kept.
+    from selfplay.grpo import group_advantages
+    from selfplay.loop import advantage_group
+
+    turns = [{"role": "tutor", "kind": "hint", "group_id": f"{e}:H1"} for e in "abc"]
+    turns += [{"role": "student", "kind": "attempt", "group_id": "a:a"}] * 2
+    rewards = [0.75, 0.0, 0.5, 1.0, 0.0]
+    adv, keep = group_advantages(rewards, [advantage_group(t, "batch") for t in turns])
+    assert adv == pytest.approx([0.8729, -1.0911, 0.2182, 0.7071, -0.7071], abs=1e-4) and all(keep)
+    _, keep = group_advantages(rewards, [advantage_group(t, "group") for t in turns])
+    assert keep == [False] * 3 + [True] * 2
+
+
 def test_hint_metrics_by_hand():
     # three hint groups: H1 = two identical answers "4" (revealed 0.5), H2 = "4" and "6" (0.5, 0.75),
     # H3 = two empty answers (revealed 0). Identical groups: H1 and H3 = 2/3; empty hints 2/6;

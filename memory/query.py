@@ -104,6 +104,8 @@ def export(db: Database, table: str, fmt: str, out: Path | None, batch: int = 50
         except ImportError:
             raise ValueError("parquet export needs pyarrow: pip install 'selfplay[parquet]'") from None
         out = out or Path(f"{table}.parquet")
+    if out is not None and not out.parent.is_dir():  # else the error would name the .part file
+        raise ValueError(f"no folder {out.parent} for {out.name}: create it first")
     rows, n = db[table].rows, 0
     part = None if out is None else out.with_name(out.name + ".part")
     if fmt == "jsonl":

@@ -178,6 +178,8 @@ def test_stats_show_search_export(run_dir, tmp_path):
     # typed from the store's schema, not from the values: the judge share is empty in a verifier-paid run
     assert str(t.schema.field("judge").type) == "double" and t.column("judge").null_count == len(rows)
     assert sorted(x.name for x in tmp_path.iterdir()) == ["t.parquet", "turns.jsonl"]  # no .part left
+    r = cli("memory", "export", "--run", run_dir, "--out", tmp_path / "nodir" / "t.jsonl")
+    assert r.returncode == 2 and "no folder" in r.stderr and ".part" not in r.stderr and "Traceback" not in r.stderr
 
 
 def test_eval_json_and_user_errors(run_dir, tmp_path):

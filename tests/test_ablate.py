@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selfplay.ablate import grid_configs, provenance, run_grid
+from selfplay.ablate import grid_configs, run_grid
+from selfplay.grid_report import provenance
 from selfplay.config import ConfigError
 from tests.conftest import BASE
 
@@ -197,7 +198,7 @@ def test_a_cells_budget_share_comes_from_the_tail_of_its_metrics(tmp_path):
 
 
 def test_paired_differences_are_per_task_within_a_seed_then_over_seeds(tmp_path):
-    from selfplay.ablate import paired_table
+    from selfplay.grid_report import paired_table
 
     per_task = {("ref", 0): [0, 0.5, 0.25, 0], ("v", 0): [0.5, 0.5, 0.25, 0.25],
                 ("ref", 1): [0.25, 0.25, 0, 0], ("v", 1): [0.25, 0, 0, 0]}

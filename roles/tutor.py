@@ -11,7 +11,8 @@
   hints that work, the shorter pays more; a hint that fails pays 0 however short. The additive
   form s - c * f also paid failing hints for being short, and with 2 hints per group the tutor
   collapsed to revealing nothing in 3 of 6 runs (hinted success 2%); the others settled near 40%
-  revealed and 37% success. Group: the H hints written for one failed group.
+  revealed and 37% success. Group: the H hints written for one failed group, or every hint of
+  the iteration (`trainer.hint_baseline: batch`, which lets one hint per failed group learn).
   Alternative (`rewards.hint_reward: learnability`, `hint_learnability`): the hinted group's
   learnability, 1 - s when 0 < s < 1 and 0 when s is 0 or 1 (Absolute Zero's proposer reward
   applied to the hinted group; HiLL's idea that a hint is worth what it makes a non-degenerate

@@ -2,8 +2,9 @@
 
 Variant (defaults in `TrainerCfg`):
 - Advantages are computed per group, and groups never mix roles or turn kinds: a group is the G
-  attempts on one prompt (student), the H hints for one failed group, the M children of one
-  parent, or the votes on one attempt (tutor). A_i = (r_i - mean_g) / (std_g + eps) with the sample
+  attempts on one prompt (student), the H hints for one failed group (or every hint of the
+  iteration, `trainer.hint_baseline: batch`: REINFORCE with the batch mean, for H = 1), the M
+  children of one parent, or the votes on one attempt (tutor). A_i = (r_i - mean_g) / (std_g + eps) with the sample
   (unbiased, n-1) std as in TRL; `scale_std=False` gives Dr.GRPO's A_i = r_i - mean_g.
 - Groups whose rewards are all equal (max - min <= 1e-9, so float noise in a mean does not count
   as signal) carry none and are dropped (`drop_zero_variance`); singleton groups are always

@@ -10,9 +10,9 @@ Once every cell has finished, the grid's table and plots are written (selfplay/g
 results at each cell's end and at the largest total-FLOPs budget every cell reached, and each
 variant minus the first one listed, paired on the same held-out tasks). `--tasks NAME=FILE` adds a
 column and a paired table per task file (each finished cell is scored on it once, and again if the
-file changes). Cells with a
-summary.json are reused; a cell dir without one is resumed. `--only VARIANT[:SEED]` runs some
-cells (the rest on another machine, or later); the table is written once every cell has finished.
+file changes). Cells with a summary.json are reused; a cell dir without one is resumed. `--only
+VARIANT[:SEED]` runs some cells (the rest on another machine, or later); the table is written once
+every cell has finished.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from selfplay.grid_report import cell_summary, plot_grid, plot_proxy_truth, resu
 def cell_share(d: Path, cfg) -> float:
     """The share of a cell's budget spent (`budget_share`, as its run computes it), from the last
     complete line of its metrics.jsonl that carries the totals; 0 before its first iteration."""
-    from selfplay.loop import budget_share
+    from selfplay.compute import budget_share
 
     try:
         with open(d / "metrics.jsonl", "rb") as f:

@@ -5,10 +5,8 @@
     -> update student -> update tutor
     -> write memory (one transaction) -> log -> checkpoint
 
-Compute accounting (for equal-compute comparisons, tutor included): generation costs 2·N FLOPs
-per token (prompt and completion), training 6·N per token of every row in the update and epoch,
-the KL reference forward 2·N per trained token, with N the base's parameter count. A frozen role
-costs no training FLOPs.
+Compute accounting (for equal-compute comparisons, tutor included): selfplay/compute.py. The run
+dir and its lock: selfplay/rundir.py. The logged metrics of the turns: selfplay/metrics.py.
 
 Overlap (`trainer.policy_lag: 1`): step 4 hands the rows to a learner process and installs the
 weights of the previous iteration's update instead, so the next rollout runs while this update
@@ -28,33 +26,29 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import shutil
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
-import yaml
 
 from memory.store import EpisodeStore
 from selfplay import distributed as dist
 from selfplay import grpo
-from selfplay.config import RunConfig, build_config
+from selfplay.compute import budget_share, count_tokens, flops
+from selfplay.config import RunConfig
 from selfplay.curriculum import Curriculum
 from selfplay.evaluate import compare, evaluate, heldout_tasks
 from selfplay.generator import Generator, TorchBackend
 from selfplay.graph import build_graph, episode_input, run_episodes, unhinted_attempt
 from selfplay.learner import Learner, adapter_vectors, load_adapter_vectors
+from selfplay.metrics import goodhart, turn_metrics
 from selfplay.policy import Policy
 from selfplay.prompts import Prompts
-from selfplay.reporting import parting_iteration, read_metrics
+from selfplay.reporting import read_metrics
+from selfplay.rundir import RunError, lock_run_dir, prepare_dir, unlock_run_dir
 from selfplay.trainer import Row, Trainer
-
-
-class RunError(RuntimeError):
-    """A user-facing problem with the run directory (one-line message)."""
 
 
 DB_FIELDS = ("episode_id", "iteration", "role", "kind", "adapter", "adapter_version", "group_id", "hint_round", "hint", "prompt",
@@ -74,66 +68,6 @@ def make_backend(cfg: RunConfig, policy: Policy, workdir: Path | None = None, ra
         return VLLMServerBackend(policy, cfg, workdir)
     return TorchBackend(policy, cfg.generation.temperature, cfg.generation.top_k, cfg.seed + 1_000_003 * rank,
                         cfg.generation.compile)
-
-
-def prepare_dir(out: Path, cfg: RunConfig | None, resume: bool) -> RunConfig:
-    """Validate the run dir; on resume the run's own config is used."""
-    if resume:
-        if not (out / "config.yaml").is_file():
-            raise RunError(f"--resume: {out} is not a selfplay run dir (no config.yaml)")
-        return build_config(yaml.safe_load((out / "config.yaml").read_text()))
-    if (out / "memory.db").exists() or (out / "config.yaml").exists():
-        raise RunError(f"{out} already holds a run; use --resume to continue it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    return cfg
-
-
-_held: dict[Path, object] = {}  # run dir -> its open lock file, held until the process exits
-
-
-def lock_run_dir(out: Path) -> None:
-    """One process per run dir: two (a `--resume` while the run goes on, an ablation restarted
-    beside its still-running cells) would interleave iterations in one episode store and truncate
-    each other's writes. An exclusive flock on DIR/.lock, released by the OS when the process
-    ends, however it ends (kill -9 included). No-op where fcntl is missing (Windows)."""
-    try:
-        import fcntl
-    except ImportError:
-        return
-    out = out.resolve()
-    if out in _held:
-        return
-    fh = open(out / ".lock", "a+")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        pid = fh.read().strip() or "?"
-        fh.close()
-        raise RunError(f"{out} is in use by another selfplay process (pid {pid}); wait for it to end or stop it")
-    fh.truncate(0)
-    fh.write(str(os.getpid()))
-    fh.flush()
-    _held[out] = fh
-
-
-def unlock_run_dir(out: Path) -> None:
-    """Release `lock_run_dir`'s lock (a finished run; a notebook that ran it may live on)."""
-    fh = _held.pop(out.resolve(), None)
-    if fh is not None:
-        fh.close()
-
-
-def budget_share(cfg: RunConfig, iterations: int, student_samples: float, total_flops: float) -> float:
-    """The share of a run's budget spent: the largest of iterations, student samples and model FLOPs
-    against their limits (what ends the run ends the hint schedule too; a grid reads its cells' by it)."""
-    shares = [iterations / cfg.iterations]
-    if cfg.max_student_samples:
-        shares.append(student_samples / cfg.max_student_samples)
-    if cfg.max_total_flops:
-        shares.append(total_flops / cfg.max_total_flops)
-    return min(1.0, max(shares))
 
 
 class SelfPlay:
@@ -248,7 +182,7 @@ class SelfPlay:
         t_train = time.perf_counter() - t1
         # 5. memory, curriculum feedback, metrics
         m.update(self._account(turns, rows))
-        m.update(_turn_metrics(turns))
+        m.update(turn_metrics(turns))
         if cfg.trainer.hindsight_nll > 0:
             m["student/hindsight_rows"] = len(relabelled)
         if self.rank == 0:
@@ -314,7 +248,7 @@ class SelfPlay:
                              "parent_task_id": s["task"].id if s["mutate"] else None, "mutated": int(s["mutate"]),
                              "solved": int(s["solved"]), "hint_rounds": s["hint_round"], "n_turns": len(s["turns"])})
         db_turns = [{k: t.get(k) for k in DB_FIELDS} for t in turns]
-        self.store.write_iteration(it, tasks, episodes, db_turns, _turn_metrics(turns))
+        self.store.write_iteration(it, tasks, episodes, db_turns, turn_metrics(turns))
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -397,72 +331,6 @@ def hindsight_rows(turns: list[dict]) -> list[tuple[Row, str]]:
             n = len(t["completion_ids"])
             out.append((Row(ids, t["completion_ids"], 0.0, [0.0] * n, n, hindsight=True), t["episode_id"]))
     return out
-
-
-def count_tokens(turns: list[dict], rows: dict, epochs: int, ref: dict[str, bool]) -> dict[str, int]:
-    """One iteration's samples and tokens per role, for the FLOP estimate: generation (prompt +
-    completion of every sampled turn), training (every token of every trained row, once per epoch:
-    forward + backward) and the KL reference forward (once per trained token, if the role's KL is on).
-    `rows` holds only the rows really trained (none for a frozen tutor)."""
-    out = {}
-    for role in ("student", "tutor"):
-        mine = [t for t in turns if t["role"] == role]
-        trained = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rows[role])
-        out[f"samples/{role}"] = len(mine)
-        out[f"tokens/{role}_gen"] = sum(t["prompt_tokens"] + t["completion_tokens"] for t in mine)
-        out[f"tokens/{role}_train"] = trained * epochs
-        out[f"tokens/{role}_ref"] = trained if ref[role] else 0
-    return out
-
-
-def flops(n_params: int, totals: dict) -> dict[str, float]:
-    """2·N per forward token (generation, KL reference), 6·N per trained token (forward + backward)."""
-    out = {f"flops/{r}": 2 * n_params * (totals[f"tokens/{r}_gen"] + totals.get(f"tokens/{r}_ref", 0))
-           + 6 * n_params * totals[f"tokens/{r}_train"] for r in ("student", "tutor")}
-    out["flops/total"] = out["flops/student"] + out["flops/tutor"]
-    return out
-
-
-def _turn_metrics(turns: list[dict]) -> dict[str, float]:
-    def mean(xs):
-        xs = list(xs)
-        return sum(xs) / len(xs) if xs else float("nan")
-
-    att = [t for t in turns if unhinted_attempt(t)]
-    hinted = [t for t in turns if t["kind"] == "attempt" and t["hint_round"] > 0]
-    m = {"student/solve_rate": mean(t["verdict"] == "solved" for t in att),
-         "student/true_solve_rate": mean(t["verdict"] == "solved" for t in att),  # the verifier, whatever pays
-         "student/reward": mean(t["reward"] for t in att),
-         "student/bad_arithmetic": mean(t["verdict"] == "bad_arithmetic" for t in att),
-         "student/completion_tokens": mean(t["completion_tokens"] for t in att),
-         "student/hinted_solve_rate": mean(t["verdict"] == "solved" for t in hinted),
-         "student/hinted_forced_tokens": mean(t["forced"] for t in hinted)}
-    judged = [t for t in att if t.get("judge") is not None]  # rewards.student_source=judge
-    if judged:
-        wrong = [t for t in judged if t["verdict"] != "solved"]
-        right = [t for t in judged if t["verdict"] == "solved"]
-        m["student/judge_reward"] = mean(t["reward"] for t in judged)  # the proxy that pays
-        m["judge/false_accept_rate"] = mean(t["reward"] > 0 for t in wrong)  # what the student can exploit
-        m["judge/false_reject_rate"] = mean(t["reward"] == 0 for t in right)
-    for kind in ("hint", "mutate", "judge"):
-        mine = [t for t in turns if t["kind"] == kind]
-        if mine:
-            m[f"tutor/{kind}_reward"] = mean(t["reward"] for t in mine)
-            m[f"tutor/{kind}_turns"] = len(mine)
-    hints = [t for t in turns if t["kind"] == "hint"]
-    if hints:
-        m["tutor/hint_revealed"] = mean(t["revealed"] for t in hints)
-        m["tutor/hint_empty"] = mean(t["revealed"] == 0 for t in hints)  # a collapsed tutor reveals nothing
-        answers = defaultdict(list)
-        for t in hints:
-            answers[t["group_id"]].append(t["completion"])
-        # a group of identical hints teaches the tutor nothing: equal rewards drop it, unequal ones
-        # give the same tokens opposite advantages (a frozen tutor: README Results, "keeps learning")
-        m["tutor/hint_groups_identical"] = mean(len(set(a)) == 1 for a in answers.values() if len(a) > 1)
-    mut = [t for t in turns if t["kind"] == "mutate"]
-    if mut:
-        m["tutor/mutate_valid_rate"] = mean(t["verdict"] == "valid" for t in mut)
-    return {k: v for k, v in m.items() if v == v}  # drop NaN
 
 
 def run(cfg: RunConfig | None, out: Path, resume: bool = False, console=None, quiet: bool = False) -> dict:
@@ -562,16 +430,6 @@ def _train(sp: SelfPlay, cfg: RunConfig, out: Path, resume: bool, console, lead:
         sp.store.set_status(out.name, "finished")
         logger.finish(summary)
     return dist.broadcast(summary)
-
-
-def goodhart(rows: list[dict], window: int = 5, margin: float = 0.1) -> dict:
-    """Proxy (judge reward) against truth (verifier solve rate) over the run's iterations."""
-    rows = [r for r in rows if "student/judge_reward" in r]
-    its, proxy, truth = ([r[k] for r in rows] for k in ("iteration", "student/judge_reward", "student/true_solve_rate"))
-    tail = slice(-window, None)
-    return {"iteration": parting_iteration(its, proxy, truth, window, margin), "window": window, "margin": margin,
-            "proxy_last": sum(proxy[tail]) / max(len(proxy[tail]), 1),
-            "truth_last": sum(truth[tail]) / max(len(truth[tail]), 1)}
 
 
 def _strip(ev: dict) -> dict:

@@ -159,7 +159,7 @@ def test_an_interrupted_parallel_grid_stops_its_cells_with_one_line(base_path, t
 
 
 def test_a_failed_parallel_cell_is_reported_after_the_others_finish(base_path, tmp_path):
-    from selfplay.loop import lock_run_dir, unlock_run_dir
+    from selfplay.rundir import lock_run_dir, unlock_run_dir
 
     spec = {**BASE, "iterations": 2, "eval": {"n_tasks": 4, "samples": 1, "judge_attempts": 0},
             "curriculum": {"episodes_per_iter": 2},

@@ -86,7 +86,7 @@ def test_float_noise_groups_carry_no_signal_and_singletons_never_train():
 
 
 def test_token_and_flop_accounting_by_hand():
-    from selfplay.loop import count_tokens, flops
+    from selfplay.compute import count_tokens, flops
     from selfplay.trainer import Row
 
     turns = [{"role": "student", "prompt_tokens": 5, "completion_tokens": 3},

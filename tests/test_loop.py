@@ -11,7 +11,8 @@ import time
 import pytest
 
 from memory.query import open_readonly, search, sql
-from selfplay.loop import RunError, run
+from selfplay.loop import run
+from selfplay.rundir import RunError
 from tests.conftest import cli_sets, tiny_config
 
 # An easy task set: targets are sums of two numbers, so "add them" solves every task; the test base
@@ -40,7 +41,7 @@ def test_short_plain_grpo_run_learns_the_easy_set(base_path, tmp_path):
 
 
 def test_full_tutor_iteration_writes_memory(base_path, tmp_path):
-    from selfplay.loop import _held
+    from selfplay.rundir import _held
 
     cfg = tiny_config(**{"iterations": 2, "graph.hint_rounds": 1, "eval.n_tasks": 8})
     run(cfg, tmp_path / "run")
@@ -85,7 +86,7 @@ def _episodes(db_path):
 
 
 def test_a_run_dir_in_use_is_refused_with_one_line(tmp_path):
-    from selfplay.loop import lock_run_dir, prepare_dir, unlock_run_dir
+    from selfplay.rundir import lock_run_dir, prepare_dir, unlock_run_dir
 
     out = tmp_path / "run"
     prepare_dir(out, tiny_config(), resume=False)  # a run dir, as a starting run leaves it
@@ -109,7 +110,8 @@ def test_a_run_that_raises_in_process_frees_its_dir_and_stops_its_learner(base_p
     import fcntl
     import multiprocessing
 
-    from selfplay.loop import SelfPlay, _held
+    from selfplay.loop import SelfPlay
+    from selfplay.rundir import _held
 
     real = SelfPlay.iteration
 
@@ -304,7 +306,7 @@ def test_hint_metrics_by_hand():
     # three hint groups: H1 = two identical answers "4" (revealed 0.5), H2 = "4" and "6" (0.5, 0.75),
     # H3 = two empty answers (revealed 0). Identical groups: H1 and H3 = 2/3; empty hints 2/6;
     # mean revealed (0.5 + 0.5 + 0.5 + 0.75 + 0 + 0) / 6 = 0.375
-    from selfplay.loop import _turn_metrics
+    from selfplay.metrics import turn_metrics
 
     def hint(group, completion, revealed):
         return {"kind": "hint", "role": "tutor", "group_id": group, "completion": completion,
@@ -312,7 +314,7 @@ def test_hint_metrics_by_hand():
 
     turns = [hint("e:H1", "4", 0.5), hint("e:H1", "4", 0.5), hint("f:H1", "4", 0.5), hint("f:H1", "6", 0.75),
              hint("g:H1", "", 0.0), hint("g:H1", "", 0.0)]
-    m = _turn_metrics(turns)
+    m = turn_metrics(turns)
     assert m["tutor/hint_groups_identical"] == pytest.approx(2 / 3)
     assert m["tutor/hint_empty"] == pytest.approx(2 / 6)
     assert m["tutor/hint_revealed"] == pytest.approx(0.375)

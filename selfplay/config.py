@@ -249,6 +249,16 @@ class RunConfig(Section):
         return hashlib.sha1(json.dumps(getattr(self, section).model_dump(), sort_keys=True).encode()).hexdigest()[:10]
 
 
+def config_warnings(cfg: RunConfig) -> list[str]:
+    """Valid settings that silently train nothing (a run prints each once). Warned, not refused:
+    shipped grids ran them on purpose (the environment-compute curve's one-hint arm)."""
+    g, t = cfg.graph, cfg.trainer
+    if g.hint and g.hint_source == "tutor" and g.hints_per_round == 1 and t.train_tutor and t.hint_baseline == "group":
+        return ["graph.hints_per_round=1 with trainer.hint_baseline=group: each hint is alone in its group, so the "
+                "tutor's hints never train (set trainer.hint_baseline=batch, or trainer.train_tutor=false to say so)"]
+    return []
+
+
 def _set(d: dict, dotted: str, value) -> None:
     *parents, leaf = dotted.split(".")
     for p in parents:

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
-from selfplay.config import RunConfig
+from selfplay.config import RunConfig, config_warnings
 
 
 def quiet_libraries() -> None:
@@ -116,6 +116,8 @@ class RunLogger:
     def __init__(self, out: Path, cfg: RunConfig, console: Console | None, resume_from: int | None = None):
         self.out, self.cfg = out, cfg
         self.console = console or Console(stderr=True)
+        for w in config_warnings(cfg):
+            self.console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
         path = out / "metrics.jsonl"
         if resume_from is not None and path.is_file():
             kept = [line for line in path.read_text().splitlines()

@@ -67,3 +67,23 @@ def test_shipped_config_found_from_any_folder(tmp_path, monkeypatch):
     assert config_path("configs/countdown-tiny.yaml") == DEFAULT_CONFIG
     with pytest.raises(ConfigError, match="not found"):
         config_path("configs/nope.yaml")
+
+
+def test_a_lone_hint_with_a_group_baseline_is_warned_and_printed_once(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from selfplay.config import config_warnings
+    from selfplay.reporting import RunLogger
+
+    lone = ["graph.hint_source=tutor", "graph.hints_per_round=1", "trainer.hint_baseline=group"]
+    assert config_warnings(load_config(DEFAULT_CONFIG)) == []  # the default's one hint has the batch baseline
+    assert config_warnings(build_config({}, lone[:2] + ["trainer.hint_baseline=batch"])) == []
+    assert config_warnings(build_config({}, lone + ["trainer.train_tutor=false"])) == []  # a frozen tutor: meant
+    assert config_warnings(build_config({}, ["graph.hints_per_round=2"])) == []  # two hints: a group baseline
+    (w,) = config_warnings(build_config({}, lone))
+    assert "trainer.hint_baseline=batch" in w and "\n" not in w
+    buf = io.StringIO()
+    RunLogger(tmp_path, build_config({}, lone + ["logging.tensorboard=false"]), Console(file=buf, width=400)).jsonl.close()
+    assert buf.getvalue().count("never train") == 1

@@ -35,6 +35,19 @@ def _config(config: Optional[Path], sets: List[str]):
     return load_config(config, sets or [])
 
 
+def _interruptible() -> None:
+    """SIGTERM (a scheduler's time limit, `kill`) stops a run or grid as Ctrl-C does, and SIGINT is
+    honoured even where the shell left it ignored (`nohup cmd &` from a script): the grid's cells
+    inherit that, so its interrupt would otherwise not reach them and they would run on, orphaned."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, stop)
+
+
 RUNS = Path("runs")
 
 
@@ -54,6 +67,7 @@ def run(config: Optional[Path] = typer.Option(None, help="YAML config (default: 
     """Train the student and tutor by self-play; evaluate before and after."""
     from selfplay.loop import run as run_loop
 
+    _interruptible()
     try:
         if resume:
             if config or set:
@@ -173,6 +187,7 @@ def ablate(config: Path = typer.Option(..., help="Ablation YAML: a base config p
     """Run a grid of variants x seeds at equal budgets; write a table and plots."""
     from selfplay.ablate import run_grid
 
+    _interruptible()
     try:
         res = run_grid(config, out or RUNS / f"ablate-{config.stem}", set, console, jobs, only, tasks)
     except USER_ERRORS as e:

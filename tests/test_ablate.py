@@ -126,15 +126,20 @@ def test_only_runs_the_named_cells_and_the_table_waits_for_the_rest(base_path, t
     assert not (out / "results.md").exists()
 
 
-def test_an_interrupted_parallel_grid_stops_its_cells_with_one_line(base_path, tmp_path):
+@pytest.mark.parametrize("how", ["sigint", "sigterm_under_nohup"])
+def test_an_interrupted_parallel_grid_stops_its_cells_with_one_line(base_path, tmp_path, how):
     # Ctrl-C on `selfplay ablate --jobs 2` printed a traceback and left the cells running, holding their
-    # dirs' locks (run again, the grid found them "in use"). Here SIGINT reaches the grid's process
-    # alone, as `kill -INT` sends it: the grid must stop its cells itself.
+    # dirs' locks (run again, the grid found them "in use"). Here the signal reaches the grid's process
+    # alone, as `kill` sends it: the grid must stop its cells itself. `nohup grid &` from a script
+    # starts the grid and so its cells with SIGINT ignored; `kill -TERM` then killed the grid alone and
+    # the cells ran on, orphaned.
     import fcntl
     import signal
     import subprocess
     import sys
     import time
+
+    ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if how != "sigint" else None
 
     spec = {**BASE, "iterations": 100000, "max_total_flops": 1e15, "eval": {"n_tasks": 4, "samples": 1, "judge_attempts": 0},
             "curriculum": {"episodes_per_iter": 2},
@@ -143,14 +148,15 @@ def test_an_interrupted_parallel_grid_stops_its_cells_with_one_line(base_path, t
     path, out = tmp_path / "grid.yaml", tmp_path / "out"
     path.write_text(yaml.safe_dump(spec))
     p = subprocess.Popen([sys.executable, "-m", "selfplay.cli", "ablate", "--config", str(path), "--out", str(out),
-                          "--jobs", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          "--jobs", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=ignore_sigint)
     cells = [out / v / "seed0" for v in ("a", "b")]
     deadline = time.time() + 300
     while not all((d / "metrics.jsonl").is_file() and '"flops/total"' in (d / "metrics.jsonl").read_text() for d in cells):
         assert p.poll() is None and time.time() < deadline, p.communicate()
         time.sleep(0.5)  # both cells are past their first iteration
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
+    p.send_signal(signal.SIGINT if how == "sigint" else signal.SIGTERM)
+    _, err = p.communicate(timeout=50)  # the grid kills a cell that ignores its SIGINT only after 60 s
     assert p.returncode == 2 and "interrupted; finished cells are kept" in err and "Traceback" not in err, err
     for d in cells:  # no cell process is left holding its dir
         with open(d / ".lock") as fh:

@@ -2,7 +2,8 @@
 
 results_table: mean ± SE over seeds of every cell's before/after evaluation, its eval curve
 interpolated at the largest total-FLOPs budget every cell reached, the environment's solver time,
-the tutor's and judge's training metrics, and a column per extra task file. Below it, each variant
+the tutor's and judge's training metrics (with the iteration, per seed, where the tutor's hints
+collapsed to the whole solution), and a column per extra task file. Below it, each variant
 minus the first one listed (the grid's reference), paired on the same held-out tasks within a seed
 (the mean per-task difference ± its SE over tasks), then over seeds (the mean ± SE of the per-seed
 differences): the comparison the README quotes. The last line names the code the cells ran.
@@ -15,6 +16,8 @@ import math
 from pathlib import Path
 
 from selfplay.evaluate import _mean_se
+from selfplay.metrics import hint_collapse
+from selfplay.reporting import read_metrics
 
 
 def cell_summary(d: Path) -> dict | None:
@@ -42,6 +45,15 @@ def _interp(curve, x_index: int, x: float) -> float:
     return pts[-1][1] if pts and x >= pts[-1][0] else (pts[0][1] if pts else float("nan"))
 
 
+def _collapses(dirs: list[Path]) -> str:
+    """Per seed, where the tutor's hints collapsed to the whole solution (metrics.hint_collapse),
+    from metrics.jsonl, so a grid run before the summary recorded it is read the same way."""
+    rows = [read_metrics(d) for d in dirs]
+    if not any("tutor/hint_revealed" in r for rs in rows for r in rs):
+        return "–"
+    return ", ".join(str(hint_collapse(rs) or "never") for rs in rows)
+
+
 def _fmt(xs: list[float], digits: int = 3) -> str:
     xs = [x for x in xs if x == x]
     if not xs:
@@ -57,7 +69,7 @@ def results_table(out: Path, variants: list[str], seeds: list[int], hard: bool, 
     f_star = min(s["flops"]["flops/total"] for s in sums.values())  # every cell reached this much compute
     head = ["variant", "sampled solve (before)", "sampled solve (after)", "non-flat solve (after)", "greedy solve (after)",
             f"solve @ {f_star:.2e} FLOPs", "student samples", "tutor samples", "student TFLOPs", "tutor TFLOPs",
-            "solver s", "hinted solve rate", "hint revealed", "identical hint groups", "judge balanced acc",
+            "solver s", "hinted solve rate", "hint revealed", "identical hint groups", "whole-solution hints from it", "judge balanced acc",
             "mutation validity"]
     if hard:
         head.append("hard split solve")
@@ -82,6 +94,7 @@ def results_table(out: Path, variants: list[str], seeds: list[int], hard: bool, 
                _fmt([m.get("student/hinted_solve_rate", float("nan")) for m in metrics]),
                _fmt([m.get("tutor/hint_revealed", float("nan")) for m in metrics]),
                _fmt([m.get("tutor/hint_groups_identical", float("nan")) for m in metrics]),  # ~1: a frozen tutor
+               _collapses([cells[v, s] for s in seeds]),
                _fmt([x["after"].get("judge_balanced_accuracy", float("nan")) for x in S]),
                _fmt([m.get("tutor/mutate_valid_rate", float("nan")) for m in metrics])]
         if hard:

@@ -43,7 +43,7 @@ from selfplay.evaluate import compare, evaluate, heldout_tasks
 from selfplay.generator import Generator, TorchBackend
 from selfplay.graph import build_graph, episode_input, run_episodes, unhinted_attempt
 from selfplay.learner import Learner, adapter_vectors, load_adapter_vectors
-from selfplay.metrics import goodhart, turn_metrics
+from selfplay.metrics import goodhart, hint_collapse, turn_metrics
 from selfplay.policy import Policy
 from selfplay.prompts import Prompts
 from selfplay.reporting import read_metrics
@@ -426,6 +426,8 @@ def _train(sp: SelfPlay, cfg: RunConfig, out: Path, resume: bool, console, lead:
                    "flops": sp.flops(), "env": env, "processes": sp.world, "code": code}
         if cfg.rewards.student_source == "judge":
             summary["goodhart"] = goodhart(read_metrics(out))
+        if cfg.graph.hint and cfg.graph.hint_source == "tutor" and cfg.trainer.train_tutor:
+            summary["hint_collapse"] = hint_collapse(read_metrics(out))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         sp.store.set_status(out.name, "finished")
         logger.finish(summary)

@@ -1,5 +1,6 @@
 """What a run logs about its turns (the CleanRL-style `student/`, `tutor/`, `judge/` metrics of one
-iteration) and, for a judge-paid run, where the proxy reward parts from the verifier's truth.
+iteration), where a judge-paid run's proxy reward parts from the verifier's truth, and where a
+learned tutor's hints collapsed to the whole solution.
 """
 
 from __future__ import annotations
@@ -7,7 +8,6 @@ from __future__ import annotations
 from collections import defaultdict
 
 from selfplay.graph import unhinted_attempt
-from selfplay.reporting import parting_iteration
 
 
 def turn_metrics(turns: list[dict]) -> dict[str, float]:
@@ -54,6 +54,23 @@ def turn_metrics(turns: list[dict]) -> dict[str, float]:
     return {k: v for k, v in m.items() if v == v}  # drop NaN
 
 
+def parting_iteration(iterations: list[int], proxy: list[float], truth: list[float], window: int = 5,
+                      margin: float = 0.1) -> int | None:
+    """Where a proxy reward and the truth part (Goodhart): the first iteration of the first run of
+    `window` consecutive iterations whose gap (proxy - truth) exceeds the mean gap of the first
+    `window` iterations by more than `margin`: a sustained departure, not a noisy spike. None = the
+    two never parted."""
+    if len(proxy) < 2 * window:
+        return None
+    gap = [p - q for p, q in zip(proxy, truth)]
+    base, run = sum(gap[:window]) / window, 0
+    for i, g in enumerate(gap):
+        run = run + 1 if g - base > margin else 0
+        if run == window:
+            return iterations[i - window + 1]
+    return None
+
+
 def goodhart(rows: list[dict], window: int = 5, margin: float = 0.1) -> dict:
     """Proxy (judge reward) against truth (verifier solve rate) over the run's iterations."""
     rows = [r for r in rows if "student/judge_reward" in r]
@@ -62,3 +79,21 @@ def goodhart(rows: list[dict], window: int = 5, margin: float = 0.1) -> dict:
     return {"iteration": parting_iteration(its, proxy, truth, window, margin), "window": window, "margin": margin,
             "proxy_last": sum(proxy[tail]) / max(len(proxy[tail]), 1),
             "truth_last": sum(truth[tail]) / max(len(truth[tail]), 1)}
+
+
+FULL_HINT = 0.99  # a mean revealed share at which (nearly) every hint of an iteration is the whole solution
+COLLAPSE_WINDOW = 50  # iterations of whole-solution hints that make a collapse, not a passing spike
+
+
+def hint_collapse(rows: list[dict], window: int = COLLAPSE_WINDOW) -> int | None:
+    """The first iteration of the first `window` consecutive hinted iterations whose hints revealed
+    the whole solution (`tutor/hint_revealed` >= FULL_HINT), or None. A whole solution pays 0
+    (roles/tutor.py), so such an iteration's hint rewards are all 0: the batch baseline drops the
+    batch and, without the tutor's KL, nothing trains the tutor back. The run goes on as SFT on
+    the solver's solutions that also pays for a tutor (16x runs: README Results)."""
+    run = 0
+    for i, r in enumerate(rows := [r for r in rows if "tutor/hint_revealed" in r]):
+        run = run + 1 if r["tutor/hint_revealed"] >= FULL_HINT else 0
+        if run == window:
+            return rows[i - window + 1]["iteration"]
+    return None

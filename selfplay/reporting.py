@@ -14,6 +14,7 @@ from rich.progress import Progress as RichProgress
 from rich.table import Table
 
 from selfplay.config import RunConfig, config_warnings
+from selfplay.metrics import COLLAPSE_WINDOW, FULL_HINT
 
 
 def quiet_libraries() -> None:
@@ -111,7 +112,9 @@ def _dur(s: float) -> str:
 class RunLogger:
     """metrics.jsonl and TensorBoard. On resume from iteration k, both forget what came after k
     (those iterations are replayed): the JSONL is rewritten without them and TensorBoard purges
-    them (`purge_step`), so no iteration is logged twice."""
+    them (`purge_step`), so no iteration is logged twice. It prints the config's warnings once at
+    the start, and once, as it happens, a learned tutor's collapse to whole-solution hints
+    (selfplay/metrics.py: hint_collapse)."""
 
     def __init__(self, out: Path, cfg: RunConfig, console: Console | None, resume_from: int | None = None):
         self.out, self.cfg = out, cfg
@@ -132,10 +135,18 @@ class RunLogger:
             purge = resume_from + 1 if resume_from is not None else None
             self.tb = SummaryWriter(str(out / "tb"), purge_step=purge)
         self.jsonl = open(path, "a")
+        self.full_hints = 0  # consecutive hinted iterations whose hints were the whole solution
 
     def log(self, it: int, m: dict) -> None:
         self.jsonl.write(json.dumps({"iteration": it, **m}) + "\n")
         self.jsonl.flush()
+        if "tutor/hint_revealed" in m:
+            self.full_hints = self.full_hints + 1 if m["tutor/hint_revealed"] >= FULL_HINT else 0
+            if self.full_hints == COLLAPSE_WINDOW:
+                self.console.print(f"[yellow]warning:[/yellow] iteration {it}: the tutor's hints have been the whole "
+                                   f"solution for {COLLAPSE_WINDOW} iterations (tutor/hint_revealed >= {FULL_HINT}): "
+                                   "they pay 0 and, without trainer.tutor_kl_coef, the tutor no longer learns",
+                                   highlight=False)
         if self.tb:
             for k, v in m.items():
                 self.tb.add_scalar(k, v, it)
@@ -172,27 +183,13 @@ def summary_table(s: dict) -> Table:
         g = s["goodhart"]
         t.add_row("judge reward vs truth (training)", "",
                   f"parted at iteration {g['iteration']}" if g["iteration"] else "never parted")
+    if "hint_collapse" in s:
+        t.add_row("tutor's hints the whole solution (training)", "",
+                  f"from iteration {s['hint_collapse']}" if s["hint_collapse"] else "never")
     imp = s["improvement"]
     t.add_row("paired Δ sampled", "", f"{imp['delta']:+.3f} ± {imp['delta_se']:.3f} (z = {imp['z']:.1f})")
     t.add_row("iterations / student samples", "", f"{s['iterations']} / {s['totals']['samples/student']}")
     return t
-
-
-def parting_iteration(iterations: list[int], proxy: list[float], truth: list[float], window: int = 5,
-                      margin: float = 0.1) -> int | None:
-    """Where a proxy reward and the truth part (Goodhart): the first iteration of the first run of
-    `window` consecutive iterations whose gap (proxy - truth) exceeds the mean gap of the first
-    `window` iterations by more than `margin`: a sustained departure, not a noisy spike. None = the
-    two never parted."""
-    if len(proxy) < 2 * window:
-        return None
-    gap = [p - q for p, q in zip(proxy, truth)]
-    base, run = sum(gap[:window]) / window, 0
-    for i, g in enumerate(gap):
-        run = run + 1 if g - base > margin else 0
-        if run == window:
-            return iterations[i - window + 1]
-    return None
 
 
 def read_metrics(out: Path) -> list[dict]:

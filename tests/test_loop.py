@@ -38,13 +38,16 @@ def test_short_plain_grpo_run_learns_the_easy_set(base_path, tmp_path):
     assert n == 60 * cfg.curriculum.episodes_per_iter
     assert (tmp_path / "run" / "learning_curves.png").is_file()
     assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+    assert "hint_collapse" not in s  # no tutor, no collapse to look for
 
 
 def test_full_tutor_iteration_writes_memory(base_path, tmp_path):
     from selfplay.rundir import _held
 
     cfg = tiny_config(**{"iterations": 2, "graph.hint_rounds": 1, "eval.n_tasks": 8})
-    run(cfg, tmp_path / "run")
+    assert cfg.graph.hint_source == "tutor" and cfg.trainer.train_tutor
+    s = run(cfg, tmp_path / "run")
+    assert s["hint_collapse"] is None  # two iterations: far too short to collapse
     assert (tmp_path / "run").resolve() not in _held  # a finished run releases its dir's lock
     db = open_readonly(tmp_path / "run" / "memory.db")
     cols, rows = sql(db, "select kind, count(*) from turns group by kind")
@@ -190,7 +193,7 @@ def test_judge_paid_run_logs_proxy_and_truth_every_iteration(base_path, tmp_path
 
 
 def test_parting_iteration_by_hand():
-    from selfplay.reporting import parting_iteration
+    from selfplay.metrics import parting_iteration
 
     # window 3, margin 0.12. truth flat at 0.05; the proxy is 0.1 for iterations 1-5, then climbs.
     # gap = proxy - 0.05: [.05]*5 + [.15, .25, .35, .45, .55] + [.55]*5 (iterations 1..15); the
@@ -206,6 +209,35 @@ def test_parting_iteration_by_hand():
     rising = [0.05 * i for i in its]
     assert parting_iteration(its, rising, rising, window=3) is None
 
+
+
+def test_hint_collapse_by_hand_and_warned_once_as_it_happens(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from selfplay.config import build_config
+    from selfplay.metrics import COLLAPSE_WINDOW, hint_collapse
+    from selfplay.reporting import read_metrics
+    from selfplay.reporting import RunLogger
+
+    # window 3. Revealed shares of iterations 1..10; iteration 4 has no hints (no key), so it
+    # neither breaks nor extends a streak. 2-3 are whole (>= 0.99) but 5 is 0.9: a streak of
+    # 2 (2, 3; 4 skipped) broken at 5. Then 6, 7, 8 are whole: three in a row -> from iteration 6.
+    revealed = {1: 0.7, 2: 1.0, 3: 0.995, 5: 0.9, 6: 1.0, 7: 0.99, 8: 1.0, 9: 1.0, 10: 0.5}
+    rows = [{"iteration": i, **({"tutor/hint_revealed": revealed[i]} if i in revealed else {})} for i in range(1, 11)]
+    assert hint_collapse(rows, window=3) == 6
+    assert hint_collapse(rows, window=5) is None  # 6-9 is four
+    assert hint_collapse([{"iteration": 1}]) is None  # no hints at all
+
+    buf = io.StringIO()
+    log = RunLogger(tmp_path, build_config({}, ["logging.tensorboard=false"]), Console(file=buf, width=400))
+    for it in range(1, 2 * COLLAPSE_WINDOW + 2):  # one partial iteration, then whole solutions for two windows
+        log.log(it, {"tutor/hint_revealed": 0.5 if it == 1 else 1.0})
+    log.jsonl.close()
+    assert buf.getvalue().count("whole solution") == 1  # once, not every iteration after
+    assert f"iteration {COLLAPSE_WINDOW + 1}:" in buf.getvalue()  # iterations 2..51 make the window
+    assert hint_collapse(read_metrics(tmp_path)) == 2
 
 def _first_iteration_rows(out, role: str, **sets):
     """(the rows `role`'s update got, the metrics) of iteration 1 of a synchronous run without

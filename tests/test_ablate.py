@@ -38,6 +38,8 @@ def test_grid_runs_reuses_cells_and_reports_standard_errors(base_path, tmp_path)
         assert float(row.split("|")[2].split("±")[0]) == pytest.approx(sum(before) / 2, abs=5e-4)
     col = table.splitlines()[0].split("|").index(" identical hint groups ")
     assert rows[0].split("|")[col].strip() == "–" and "±" in rows[1].split("|")[col]  # plain GRPO gives no hints
+    col = table.splitlines()[0].split("|").index(" whole-solution hints from it ")
+    assert [r.split("|")[col].strip() for r in rows] == ["–", "never, never"]  # a few iterations cannot collapse
     assert re.search(r"^\| tutor − plain \| [+-]\d+\.\d\d ± \d+\.\d\d \| .* \|$", table, re.M)  # paired on the tasks
     mine_evals = {(v, s): json.loads((tmp_path / "out" / v / f"seed{s}" / "eval-mine.json").read_text())
                   for v in ("plain", "tutor") for s in (0, 1)}

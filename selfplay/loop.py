@@ -17,9 +17,9 @@ closer to even (with separate adapters). Evaluations and checkpoints wait for th
 first.
 
 Crash safety: memory holds whole iterations only; checkpoints (adapters, optimizers, RNG states,
-curriculum, counters) are written every `checkpoint_every` iterations by rename. The run stops at
-`iterations`, `max_student_samples` or `max_total_flops`, whichever comes first. `resume` restores
-the checkpoint and drops memory rows written after it, then replays those iterations.
+curriculum, counters) are written every `checkpoint_every` iterations by rename, and at the
+budget's end (compute.budget_share). `resume` restores the checkpoint and drops memory rows
+written after it, then replays those iterations.
 """
 
 from __future__ import annotations

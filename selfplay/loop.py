@@ -424,10 +424,11 @@ def _train(sp: SelfPlay, cfg: RunConfig, out: Path, resume: bool, console, lead:
         summary = {"iterations": last, "before": _strip(before), "after": _strip(after),
                    "improvement": compare(before, after), "totals": dict(sp.totals),
                    "flops": sp.flops(), "env": env, "processes": sp.world, "code": code}
+        rows = read_metrics(out)
         if cfg.rewards.student_source == "judge":
-            summary["goodhart"] = goodhart(read_metrics(out))
+            summary["goodhart"] = goodhart(rows)
         if cfg.graph.hint and cfg.graph.hint_source == "tutor" and cfg.trainer.train_tutor:
-            summary["hint_collapse"] = hint_collapse(read_metrics(out))
+            summary["hint_collapse"] = hint_collapse(rows)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         sp.store.set_status(out.name, "finished")
         logger.finish(summary)

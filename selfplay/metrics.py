@@ -91,9 +91,10 @@ def hint_collapse(rows: list[dict], window: int = COLLAPSE_WINDOW) -> int | None
     (roles/tutor.py), so such an iteration's hint rewards are all 0: the batch baseline drops the
     batch and, without the tutor's KL, nothing trains the tutor back. The run goes on as SFT on
     the solver's solutions that also pays for a tutor (16x runs: README Results)."""
+    hinted = [r for r in rows if "tutor/hint_revealed" in r]
     run = 0
-    for i, r in enumerate(rows := [r for r in rows if "tutor/hint_revealed" in r]):
+    for i, r in enumerate(hinted):
         run = run + 1 if r["tutor/hint_revealed"] >= FULL_HINT else 0
         if run == window:
-            return rows[i - window + 1]["iteration"]
+            return hinted[i - window + 1]["iteration"]
     return None

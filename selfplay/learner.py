@@ -7,11 +7,10 @@ measured); two processes with one torch thread each run side by side.
 
 Protocol, one pipe, the main process always waits for each reply before the next request:
     submit(rows)  -> the learner steps each role it got rows for (the student, and the tutor
-                     unless the main process keeps the tutor's update), then computes the
-                     gradient of its share of the tutor's rows, if it got one ...
+                     unless the main process keeps the tutor's update) ...
     collect()     -> ... and answers with the metrics, the new adapter weights (one flat fp32
-                     vector per adapter), the adapter versions, which the main process writes
-                     into its own policy, from which its sampler is rebuilt, and that gradient.
+                     vector per adapter) and the adapter versions, which the main process writes
+                     into its own policy, from which its sampler is rebuilt.
     state() / load(...)  the optimizers and versions, for checkpoints.
 The learner holds its own copy of the base and both adapters; it starts from the main process's
 weights (`load`), so the two copies agree exactly after every collect.
@@ -82,13 +81,10 @@ class Learner:
             raise RuntimeError(f"the learner failed: {out}")
         return out
 
-    def submit(self, rows: dict[str, list], caps: dict[str, int], share: dict | None = None) -> None:
-        """Start one update of each role on its rows; `collect` returns its result. `share`
-        ({"role", "rows", "counts", "cap", "weights"}): after those updates, also the gradient of
-        `role`'s loss on these rows (`Trainer.gradients`) at these adapter weights (the main
-        process's, which steps that role), returned as the result's "share"."""
+    def submit(self, rows: dict[str, list], caps: dict[str, int]) -> None:
+        """Start one update of each role on its rows; `collect` returns its result."""
         assert not self.pending, "collect() the previous update first"
-        self._send(("step", {"rows": rows, "caps": caps, "share": share}))
+        self._send(("step", {"rows": rows, "caps": caps}))
         self.pending = True
 
     def collect(self) -> dict | None:
@@ -161,10 +157,6 @@ def serve(cfg: RunConfig, base_path: str, threads: int, conn) -> None:
                     m.update(trainer.step(role, msg["rows"][role], msg["caps"][role]))
                 out = {"metrics": m, "weights": adapter_vectors(policy, roles),
                        "versions": {r: trainer.versions[r] for r in roles}}
-                if msg.get("share"):
-                    sh = msg["share"]
-                    load_adapter_vectors(policy, {sh["role"]: sh["weights"]})
-                    out["share"] = trainer.gradients(sh["role"], sh["rows"], sh["counts"], sh["cap"])
             elif kind == "state":
                 out = _dumps(trainer.state())
             elif kind == "load":

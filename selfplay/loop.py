@@ -13,8 +13,7 @@ weights of the previous iteration's update instead, so the next rollout runs whi
 does and samples one update behind (selfplay/learner.py); the ratio to the behaviour log-probs
 and its clip correct for that. The learner updates the student; this process updates the tutor
 when its next rollout is done, before it waits for the learner, so the two processes' work is
-closer to even (with separate adapters); the learner computes half the tutor's gradient, after the
-student's update (`trainer.tutor_share`). Evaluations and checkpoints wait for the pending update
+closer to even (with separate adapters). Evaluations and checkpoints wait for the pending update
 first.
 
 Crash safety: memory holds whole iterations only; checkpoints (adapters, optimizers, RNG states,
@@ -94,7 +93,7 @@ class SelfPlay:
         # policy_lag 1: the learner trains the student; this process trains the tutor once it is
         # done sampling (it waits for the learner then anyway), unless the two share one adapter
         self.tutor_here = bool(lag) and cfg.trainer.train_tutor and not cfg.lora.shared
-        self.tutor_rows: tuple | None = None  # (rows here, counts of all, cap, shared) of the pending tutor update
+        self.tutor_rows: tuple | None = None  # (rows, cap) of the pending tutor update
         self.skipped0 = 0  # both processes start their skip counters from the checkpoint's
         self.env = {"solver_calls": 0, "solver_seconds": 0.0}  # the environment's compute (cumulative)
         self.graph = build_graph(cfg, self.gen, self.prompts, self.trainer.versions,
@@ -170,7 +169,8 @@ class SelfPlay:
         if self.learner:  # policy_lag 1: update it-1 ran beside this rollout; update it runs beside the next
             m = self.install_update(it)  # its metrics are update it-1's
             if self.tutor_here:
-                self.submit_with_tutor_share(mine_rows, caps)
+                self.tutor_rows = (mine_rows["tutor"], caps["tutor"])
+                self.learner.submit({"student": mine_rows["student"]}, caps)
             else:
                 self.learner.submit(mine_rows, caps)
         else:
@@ -202,40 +202,18 @@ class SelfPlay:
         """policy_lag 1: wait for the learner's pending update and write its weights into this
         process's policy and sampler; returns that update's metrics ({} when none is pending).
         Evaluations and checkpoints call it first, so they see every update so far."""
-        m, out = {}, None
+        m = {}
         if self.tutor_rows is not None:  # the tutor's update it-1, here, from its weights after update it-2
-            rows, counts, cap, shared = self.tutor_rows
+            rows, cap = self.tutor_rows
             self.tutor_rows = None
-            if shared:  # this process's share of its rows, then the learner's, which it computed beside the rollout
-                t0 = time.perf_counter()
-                mine = self.trainer.gradients("tutor", rows, counts, cap)
-                out = self.learner.collect()
-                m = self.trainer.step_shares("tutor", [mine, out["share"]], counts, t0)
-            else:
-                m = self.trainer.step("tutor", rows, cap)
-        out = out or (self.learner.collect() if self.learner else None)
+            m = self.trainer.step("tutor", rows, cap)
+        out = self.learner.collect() if self.learner else None
         if out is None:
             return m
         load_adapter_vectors(self.policy, out["weights"])  # the roles the learner trains
         self.trainer.versions.update(out["versions"])  # in place: the episode graph holds this dict
         self.backend.sync_adapters(it)
         return {**out["metrics"], **m}
-
-    def submit_with_tutor_share(self, rows: dict[str, list], caps: dict[str, int]) -> None:
-        """policy_lag 1 with the tutor's update in this process: hand the student's rows to the
-        learner, with every other tutor row (`trainer.tutor_share`), whose gradient it computes after
-        the student's update, at the tutor weights it is sent (this process's, which the update
-        starts from: they change only in `install_update`). This process keeps the rest. Both
-        processes then have about the same work: this one samples, the learner trains the larger
-        student batch."""
-        c = self.trainer.counts("tutor", rows["tutor"])
-        share = None
-        if self.cfg.trainer.tutor_share and self.cfg.trainer.epochs == 1 and self.trainer.trains(c):
-            share = {"role": "tutor", "rows": rows["tutor"][1::2], "counts": c, "cap": caps["tutor"],
-                     "weights": self.policy.adapter_vector("tutor").cpu().numpy()}
-        here = rows["tutor"][0::2] if share else rows["tutor"]
-        self.tutor_rows = (here, c, caps["tutor"], share is not None)
-        self.learner.submit({"student": rows["student"]}, caps, share)
 
     def _account(self, turns: list[dict], rows: dict) -> dict[str, float]:
         t = self.cfg.trainer

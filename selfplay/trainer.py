@@ -16,10 +16,6 @@ the top-k filter (they were not sampled, and outside the top k their sampling lo
 ratio uses the filtered one. Rows are sorted into length buckets (`micro_batches`), so a few long
 answers do not pad every row. A non-finite loss or gradient norm skips that role's update (counted
 in `trainer/skipped`), so a bad batch never corrupts an adapter.
-
-Every loss term is divided by its count over ALL the update's rows (`counts`), so the rows can be
-split: between torchrun ranks (their gradients all-reduced), or between the two processes of
-`policy_lag 1` (`gradients` of one share, summed by `step_shares`).
 """
 
 from __future__ import annotations
@@ -27,7 +23,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
@@ -49,16 +44,6 @@ class Row:
     hindsight: bool = False  # a relabelled attempt: every completion token gets the hindsight NLL term
     weight: int = 1  # identical rows merged into one: its NLL term counts this many times
     pg: bool = True  # False: no policy gradient (a zero-variance group), only the KL term sees it
-
-
-class Counts(NamedTuple):
-    """An update's loss normalisers, over all its rows (every rank's, every process's share)."""
-
-    rows: int  # policy-gradient rows with a sampled token
-    tokens: int  # their sampled tokens
-    nll: int  # forced hint tokens of solved hinted rows, by weight
-    hindsight: int  # completion tokens of hindsight rows
-    kl: int  # tokens in the KL term (0 when the role has no KL)
 
 
 def _old_logprobs(rows: list[Row], C: int) -> torch.Tensor | None:
@@ -100,135 +85,77 @@ class Trainer:
         self.versions = {"student": 0, "tutor": 0}
         self.skipped = 0
 
-    def counts(self, role: str, rows: list[Row]) -> Counts:
-        """The loss's normalisers over `rows` and, under torchrun, every other rank's rows: the loss
-        of each rank's rows is its share of the global loss, and the summed gradients are one
-        process's on all rows."""
-        kl_coef = self.cfg.trainer.kl_coef if role == "student" else self.cfg.trainer.tutor_kl_coef
-        return Counts(*(int(x) for x in dist.all_sum([
+    def step(self, role: str, rows: list[Row], max_tokens: int) -> dict[str, float]:
+        """One update of `role`'s adapter on `rows` (micro-batched, gradients accumulated)."""
+        t, pol = self.cfg.trainer, self.policy
+        # the normalisers count the rows of EVERY rank (torchrun): the loss of each rank's rows is
+        # its share of the global loss, and the summed gradients are one process's on all rows
+        kl_coef = t.kl_coef if role == "student" else t.tutor_kl_coef
+        n_rows, n_tokens, n_nll, n_hs, n_kl = (int(x) for x in dist.all_sum([
             sum(len(r.completion_ids) > r.forced for r in rows if r.pg),  # rows with a sampled token
             sum(len(r.completion_ids) - r.forced for r in rows if r.pg),  # sampled tokens: the PG normaliser
             sum(r.forced * r.weight for r in rows if r.nll),
             sum(len(r.completion_ids) for r in rows if r.hindsight),
-            sum(len(r.completion_ids) - r.forced for r in rows) if kl_coef > 0 else 0])))  # the KL's
-
-    def step(self, role: str, rows: list[Row], max_tokens: int) -> dict[str, float]:
-        """One update of `role`'s adapter on `rows` (micro-batched, gradients accumulated)."""
-        c = self.counts(role, rows)
-        if not self.trains(c):
+            sum(len(r.completion_ids) - r.forced for r in rows) if kl_coef > 0 else 0]))  # the KL's
+        if not (n_rows or n_hs or (n_nll and t.hint_nll > 0) or n_kl):
             return {}
         t0 = time.perf_counter()
-        batches = self._prepare(rows)
-        for _ in range(self.cfg.trainer.epochs):
-            stats = self._backward(role, batches, c, max_tokens)
-            if not self.apply(role, stats):
-                return self._skip(role)
-        return self._metrics(role, stats, c, t0)
-
-    def gradients(self, role: str, rows: list[Row], counts: Counts, max_tokens: int) -> dict:
-        """A share of one update (`trainer.policy_lag: 1`: the learner's part of the tutor's rows,
-        loop.py): the gradient of `role`'s loss on `rows`, normalised by `counts` (those of ALL the
-        update's rows), as one flat vector, and the loss sums; the adapter unchanged. The process
-        that steps sums the shares (`step_shares`)."""
-        stats = self._backward(role, self._prepare(rows), counts, max_tokens)
-        params = self.policy.adapter_params(role)
-        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-        self.opt[role].zero_grad(set_to_none=True)
-        return {"grad": grad.cpu().numpy(), "stats": stats}
-
-    def step_shares(self, role: str, shares: list[dict], counts: Counts, t0: float) -> dict[str, float]:
-        """One update of `role` from the `gradients` of each share of its rows (each normalised by
-        `counts`, those of all the rows): their sum is the update's gradient, then the clip and
-        the step, as `step` does. The same update as `step` on all the rows, the sums in another
-        order; one epoch. `t0`: when the update began, for its timing metrics."""
-        with torch.no_grad():
-            g = torch.from_numpy(sum(sh["grad"] for sh in shares)).to(self.cfg.model.device)
-            k = 0
-            for p in self.policy.adapter_params(role):
-                p.grad = g[k: k + p.numel()].view_as(p).clone()
-                k += p.numel()
-        stats = {key: sum(sh["stats"][key] for sh in shares) for key in shares[0]["stats"]}
-        if not self.apply(role, stats):
-            return self._skip(role)
-        return self._metrics(role, stats, counts, t0)
-
-    def trains(self, c: Counts) -> bool:
-        """Whether rows with these counts carry any loss term (else there is no update)."""
-        return bool(c.rows or c.hindsight or (c.nll and self.cfg.trainer.hint_nll > 0) or c.kl)
-
-    def _prepare(self, rows: list[Row]) -> list[list]:
-        """[rows, padded batch, behaviour log-probs or None] per micro-batch."""
-        t, pol = self.cfg.trainer, self.policy
-        out = []
-        for rs in micro_batches(rows, t.micro_batch, t.length_buckets):
-            b = make_batch([r.prompt_ids for r in rs], [r.completion_ids for r in rs], pol.pad_id)
-            out.append([rs, b, _old_logprobs(rs, b.C)])
-        return out
-
-    def _backward(self, role: str, batches: list, c: Counts, max_tokens: int) -> dict[str, float]:
-        """Forward and backward of every micro-batch into `role`'s .grad: {"loss", "clip_frac", "kl"}
-        summed over them (each term already divided by its count over all rows)."""
-        t, pol = self.cfg.trainer, self.policy
-        kl_coef = t.kl_coef if role == "student" else t.tutor_kl_coef
-        dev = pol.cfg.model.device
         pol.use(role)
         pol.train_mode(role, True)
-        self.opt[role].zero_grad(set_to_none=True)
+        params = pol.adapter_params(role)
+        opt = self.opt[role]
+        batches = micro_batches(rows, t.micro_batch, t.length_buckets)
+        built = [make_batch([r.prompt_ids for r in b], [r.completion_ids for r in b], pol.pad_id) for b in batches]
+        old = [_old_logprobs(rs, b.C) for rs, b in zip(batches, built)]
         stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0}
-        for mb in batches:
-            rs, b, old = mb
-            adv = torch.tensor([r.advantage for r in rs], device=dev)
-            lp, lp_nll = pol.train_logprobs(b, role)  # (b, C) each: the ratio's, the NLL terms
-            if old is None:  # scored now: the first epoch's log-probs are every epoch's behaviour
-                old = mb[2] = lp.detach()
-            old = old.to(lp.device)
-            sampled, nll_mask = grpo.split_masks(b.completion_mask.to(lp.device),
-                                                 torch.tensor([r.forced for r in rs], device=lp.device),
-                                                 torch.tensor([r.nll * r.weight for r in rs], device=lp.device))
-            mask = sampled * torch.tensor([r.pg for r in rs], device=lp.device)[:, None]  # (b, C) PG tokens
-            per_tok, st = grpo.per_token_loss(lp, old, adv, t.clip_low, t.clip_high)
-            loss = grpo.aggregate(per_tok, mask, t.aggregation, c.rows, c.tokens, max_tokens)
-            if c.kl:
-                ref = pol.ref_logprobs(b)
-                pol.use(role)
-                kl_term, kl = grpo.kl_penalty(lp, ref, sampled, c.kl)
-                loss = loss + kl_coef * kl_term
-                stats["kl"] += kl_term.item()
-            if c.nll and t.hint_nll > 0:
-                loss = loss + t.hint_nll * grpo.nll(lp_nll, nll_mask, c.nll)
-            if c.hindsight:
-                hs_mask = b.completion_mask.to(lp.device) * torch.tensor([r.hindsight for r in rs], device=lp.device)[:, None]
-                loss = loss + t.hindsight_nll * grpo.nll(lp_nll, hs_mask, c.hindsight)
-            loss.backward()
-            stats["loss"] += loss.item()
-            stats["clip_frac"] += float((st["clip_frac"] * mask).sum()) / max(c.tokens, 1)
+        for epoch in range(t.epochs):
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for k, (b, rs) in enumerate(zip(built, batches)):
+                adv = torch.tensor([r.advantage for r in rs], device=pol.cfg.model.device)
+                lp, lp_nll = pol.train_logprobs(b, role)  # (b, C) each: the ratio's, the NLL terms
+                if old[k] is None:
+                    old[k] = lp.detach()
+                old[k] = old[k].to(lp.device)
+                sampled, nll_mask = grpo.split_masks(b.completion_mask.to(lp.device),
+                                                     torch.tensor([r.forced for r in rs], device=lp.device),
+                                                     torch.tensor([r.nll * r.weight for r in rs], device=lp.device))
+                mask = sampled * torch.tensor([r.pg for r in rs], device=lp.device)[:, None]  # (b, C) PG tokens
+                per_tok, st = grpo.per_token_loss(lp, old[k], adv, t.clip_low, t.clip_high)
+                loss = grpo.aggregate(per_tok, mask, t.aggregation, n_rows, n_tokens, max_tokens)
+                if n_kl:
+                    ref = pol.ref_logprobs(b)
+                    pol.use(role)
+                    kl_term, kl = grpo.kl_penalty(lp, ref, sampled, n_kl)
+                    loss = loss + kl_coef * kl_term
+                if n_nll and t.hint_nll > 0:
+                    loss = loss + t.hint_nll * grpo.nll(lp_nll, nll_mask, n_nll)
+                if n_hs:
+                    hs_mask = b.completion_mask.to(lp.device) * torch.tensor([r.hindsight for r in rs], device=lp.device)[:, None]
+                    loss = loss + t.hindsight_nll * grpo.nll(lp_nll, hs_mask, n_hs)
+                loss.backward()
+                total += loss.item()
+                if epoch == t.epochs - 1:
+                    stats["clip_frac"] += float((st["clip_frac"] * mask).sum()) / max(n_tokens, 1)
+                    if n_kl:
+                        stats["kl"] += kl_term.item()
+            dist.all_reduce_grads(params)
+            total = dist.all_sum([total])[0]
+            gnorm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            if not (math.isfinite(total) and math.isfinite(float(gnorm))):
+                opt.zero_grad(set_to_none=True)
+                self.skipped += 1
+                pol.train_mode(role, False)
+                return {f"{role}/skipped_update": 1.0, "trainer/skipped": float(self.skipped)}
+            opt.step()
+            stats["loss"] = total
+            stats["grad_norm"] = float(gnorm)
         pol.train_mode(role, False)
-        return stats
-
-    def apply(self, role: str, stats: dict[str, float]) -> bool:
-        """All-reduce (torchrun), clip and step `role`'s accumulated gradients; False, and the
-        gradients dropped, when the loss or the gradient norm is not finite."""
-        params = self.policy.adapter_params(role)
-        dist.all_reduce_grads(params)
-        stats["loss"] = dist.all_sum([stats["loss"]])[0]
-        gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.trainer.max_grad_norm)
-        if not (math.isfinite(stats["loss"]) and math.isfinite(float(gnorm))):
-            self.opt[role].zero_grad(set_to_none=True)
-            return False
-        self.opt[role].step()
-        stats["grad_norm"] = float(gnorm)
-        return True
-
-    def _skip(self, role: str) -> dict[str, float]:
-        self.skipped += 1
-        return {f"{role}/skipped_update": 1.0, "trainer/skipped": float(self.skipped)}
-
-    def _metrics(self, role: str, stats: dict, c: Counts, t0: float) -> dict[str, float]:
         stats["clip_frac"], stats["kl"] = dist.all_sum([stats["clip_frac"], stats["kl"]])
         self.versions[role] += 1
         dt = time.perf_counter() - t0
         out = {f"{role}/{k}": v for k, v in stats.items()}
-        out[f"trainer/{role}_rows_per_s"] = c.rows / dt
+        out[f"trainer/{role}_rows_per_s"] = n_rows / dt
         out[f"trainer/{role}_seconds"] = dt
         return out
 

@@ -72,7 +72,10 @@ def main():
     for run in a.runs:
         if not (run / "memory.db").is_file() or not (run / "config.yaml").is_file():
             sys.exit(f"{run}: not a run dir (memory.db and config.yaml expected)")
-        tok = load_tokenizer(ensure_base(load_config(run / "config.yaml")))
+        cfg = load_config(run / "config.yaml")
+        if cfg.graph.hint_source != "tutor" or cfg.graph.hint_form != "reveal":
+            sys.exit(f"{run}: its hints are not a learned tutor's token counts (graph.hint_source tutor, hint_form reveal)")
+        tok = load_tokenizer(ensure_base(cfg))
         rows.append(hint_policy(run, a.first, lambda s: tok(s, add_special_tokens=False)["input_ids"]))
     table(f"hints from iteration {a.first} on: share withholding k of the solution's tokens; what the revealed count follows",
           ["run", "hints", "k=0 (whole)", "k=1", "k=2", "k=3", "k≥4", "all (empty)", "corr(length, count)",

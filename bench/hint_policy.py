@@ -3,7 +3,8 @@ run, the share of hints that withhold 0 (the whole solution), 1, 2, 3 or more of
 tokens, or all of them (an empty hint); and what the revealed count follows: the solution's length
 (correlation of the count with it), or the failed attempt the tutor was shown (correlation of the
 revealed share with the share of the solution the attempt already wrote: their common token
-prefix). Hint turns from iteration --from on; prompts in the tiny format (prompts/tiny/hint_*.j2),
+prefix; and that correlation with the solution's length held fixed, since both shares depend on
+it). Hint turns from iteration --from on; prompts in the tiny format (prompts/tiny/hint_*.j2),
 tokens as the run's tokenizer cuts them, so the counts are the graph's.
 
     python bench/hint_policy.py RUN_DIR [RUN_DIR ...] [--from 801]
@@ -22,6 +23,12 @@ def corr(xs: list[float], ys: list[float]) -> float:
     mx, my = sum(xs) / n, sum(ys) / n
     sx, sy = sum((x - mx) ** 2 for x in xs) ** 0.5, sum((y - my) ** 2 for y in ys) ** 0.5
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (sx * sy) if sx * sy else float("nan")
+
+
+def partial_corr(xs: list[float], ys: list[float], zs: list[float]) -> float:
+    """The correlation of xs and ys with zs held fixed (both regressed on zs linearly)."""
+    rxy, rxz, ryz = corr(xs, ys), corr(xs, zs), corr(ys, zs)
+    return (rxy - rxz * ryz) / ((1 - rxz ** 2) * (1 - ryz ** 2)) ** 0.5
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -47,14 +54,15 @@ def hint_policy(run: Path, first: int, tokens) -> list[str]:
         if attempt is not None:
             prefixes.append(common_prefix(tokens(attempt), solution) / len(solution))
     if not turns:
-        return [str(run), "0"] + ["–"] * 8
+        return [str(run), "0"] + ["–"] * 9
     n = len(turns)
     empty = [w == L for w, L in zip(withheld, lengths)]  # nothing revealed: not a count of withheld tokens
     share = [sum(w == x and not e for w, e in zip(withheld, empty)) / n for x in (0, 1, 2, 3)]
     empty = sum(empty) / n
     return [str(run), str(n), *(f"{x:.2f}" for x in share), f"{1 - sum(share) - empty:.2f}", f"{empty:.2f}",
             f"{corr(lengths, counts):.2f}",
-            f"{corr(prefixes, shares):.3f} (prefix {sum(prefixes) / n:.2f})" if prefixes else "– (not shown)"]
+            f"{corr(prefixes, shares):.3f} (prefix {sum(prefixes) / n:.2f})" if prefixes else "– (not shown)",
+            f"{partial_corr(prefixes, shares, lengths):.3f}" if prefixes else "–"]
 
 
 def main():
@@ -79,7 +87,7 @@ def main():
         rows.append(hint_policy(run, a.first, lambda s: tok(s, add_special_tokens=False)["input_ids"]))
     table(f"hints from iteration {a.first} on: share withholding k of the solution's tokens; what the revealed count follows",
           ["run", "hints", "k=0 (whole)", "k=1", "k=2", "k=3", "k≥4", "all (empty)", "corr(length, count)",
-           "corr(attempt's prefix, revealed share)"], rows)
+           "corr(attempt's prefix, revealed share)", "the same, length held fixed"], rows)
 
 
 if __name__ == "__main__":

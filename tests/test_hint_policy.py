@@ -32,3 +32,7 @@ def test_hint_policy_by_hand(tmp_path):
     assert row[8] == "0.91"
     # prefix shares .6 0 0 .667 against revealed .8 1 0 .667: 0.1433 / (0.6351 * 0.7506) = 0.301
     assert row[9] == "0.301 (prefix 0.32)"
+    # with the length held fixed: r(prefix, length) = -0.0667 / (0.6351 * 2) = -0.0525 and
+    # r(revealed, length) = 1.1333 / (0.7506 * 2) = 0.7550, so
+    # (0.3007 + 0.0525 * 0.7550) / sqrt((1 - 0.0028) * (1 - 0.5700)) = 0.3403 / 0.6548 = 0.520
+    assert row[10] == "0.520"

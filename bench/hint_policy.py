@@ -50,7 +50,9 @@ def hint_policy(run: Path, first: int, tokens) -> list[str]:
         attempt, solution = m.group(3), tokens(m.group(4))
         k = min(int(parsed), len(solution)) if (parsed or "").isdigit() else 0  # as the graph cuts it
         withheld.append(len(solution) - k)
-        counts.append(k), lengths.append(len(solution)), shares.append(k / len(solution))
+        counts.append(k)
+        lengths.append(len(solution))
+        shares.append(k / len(solution))
         if attempt is not None:
             prefixes.append(common_prefix(tokens(attempt), solution) / len(solution))
     if not turns:

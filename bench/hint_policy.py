@@ -12,6 +12,7 @@ tokens as the run's tokenizer cuts them, so the counts are the graph's.
 import argparse
 import re
 import sqlite3
+import statistics
 import sys
 from pathlib import Path
 
@@ -19,16 +20,18 @@ PROMPT = re.compile(r"H:([\d ]+)>(\d+)\|(?:X:(.*)\|)?R:(.*)\|$")  # hint_step.j2
 
 
 def corr(xs: list[float], ys: list[float]) -> float:
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sx, sy = sum((x - mx) ** 2 for x in xs) ** 0.5, sum((y - my) ** 2 for y in ys) ** 0.5
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (sx * sy) if sx * sy else float("nan")
+    """Pearson's r; NaN where one side is constant (a tutor that always writes the same count)."""
+    try:
+        return statistics.correlation(xs, ys)
+    except statistics.StatisticsError:
+        return float("nan")
 
 
 def partial_corr(xs: list[float], ys: list[float], zs: list[float]) -> float:
     """The correlation of xs and ys with zs held fixed (both regressed on zs linearly)."""
     rxy, rxz, ryz = corr(xs, ys), corr(xs, zs), corr(ys, zs)
-    return (rxy - rxz * ryz) / ((1 - rxz ** 2) * (1 - ryz ** 2)) ** 0.5
+    denom = ((1 - rxz ** 2) * (1 - ryz ** 2)) ** 0.5
+    return (rxy - rxz * ryz) / denom if denom else float("nan")
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
